@@ -1,0 +1,164 @@
+//! Finding the client: the socket systemd passed (connected with
+//! `Accept=yes`, or listening), stdin/stdout, or a listener of our own.
+//! Whatever the way, a connection ends up as a [`Conn`] and a peer name for
+//! the one serving path; listening sockets go to the accept loop.
+
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use nix::sys::socket::{
+    AddressFamily, SockaddrLike, SockaddrStorage, getpeername, getsockname, getsockopt, setsockopt,
+    sockopt,
+};
+
+use crate::cli::Mode;
+use crate::conn::Conn;
+use crate::sys;
+
+/// What this process does.
+pub enum Activation {
+    /// Serve this one client.
+    Connection { conn: Conn, peer: String },
+    /// Accept clients and run one child process per connection.
+    Listen(Listener),
+}
+
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when we stop, if we created it.
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "TCP socket".into(), |a| a.to_string()),
+            Listener::Unix(l, p) => p
+                .clone()
+                .or_else(|| {
+                    l.local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(Into::into))
+                })
+                .map_or_else(|| "Unix socket".into(), |p| p.display().to_string()),
+        }
+    }
+}
+
+/// Why activation failed: a usage error (exit 2) or a system error (exit 1).
+pub enum ActivationError {
+    Usage(String),
+    Failed(String),
+}
+
+/// The fd systemd passes first (SD_LISTEN_FDS_START).
+const SD_FIRST_FD: i32 = 3;
+
+pub fn activate(mode: &Mode) -> Result<Activation, ActivationError> {
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| ActivationError::Failed(format!("{what}: {e}"));
+    match mode {
+        Mode::Stdio => {
+            let (rd, wr) = sys::take_stdio().map_err(|e| failed("stdin/stdout", &e))?;
+            Ok(Activation::Connection {
+                conn: Conn::pipes(rd, wr),
+                peer: "stdio".into(),
+            })
+        }
+        Mode::Tcp(addrs) => {
+            let l = TcpListener::bind(&addrs[..])
+                .map_err(|e| failed(&format!("cannot listen on {}", addrs[0]), &e))?;
+            Ok(Activation::Listen(Listener::Tcp(l)))
+        }
+        Mode::Unix(path) => {
+            remove_stale_socket(path);
+            let l = UnixListener::bind(path)
+                .map_err(|e| failed(&format!("cannot listen on {}", path.display()), &e))?;
+            Ok(Activation::Listen(Listener::Unix(l, Some(path.clone()))))
+        }
+        Mode::Systemd => from_systemd(),
+    }
+}
+
+fn from_systemd() -> Result<Activation, ActivationError> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() == 0 {
+        return Err(ActivationError::Usage(
+            "no socket to serve: run it from tmpdisk.socket (systemd passes LISTEN_FDS), \
+             or use --stdio, --listen ADDR[:PORT] or --unix PATH"
+                .into(),
+        ));
+    }
+    if fds.len() > 1 {
+        tracing::warn!(
+            count = fds.len(),
+            "systemd passed several sockets; serving the first"
+        );
+    }
+    let bad = |e: &dyn std::fmt::Display| {
+        ActivationError::Failed(format!("socket passed by systemd (fd {SD_FIRST_FD}): {e}"))
+    };
+    let family = getsockname::<SockaddrStorage>(SD_FIRST_FD)
+        .map_err(|e| bad(&e))?
+        .family()
+        .ok_or_else(|| bad(&"unknown address family"))?;
+    // listenfd validates the fd as a stream socket of this family, marks it
+    // close-on-exec (so mkfs never inherits it) and hands over ownership.
+    let fd: OwnedFd = fds
+        .take_custom(0, family as i32, libc::SOCK_STREAM, "stream socket")
+        .map_err(|e| bad(&e))?
+        .ok_or_else(|| bad(&"already taken"))?;
+    let listening = getsockopt(&fd, sockopt::AcceptConn).map_err(|e| bad(&e))?;
+    if listening {
+        return Ok(Activation::Listen(match family {
+            AddressFamily::Unix => Listener::Unix(UnixListener::from(fd), None),
+            _ => Listener::Tcp(TcpListener::from(fd)),
+        }));
+    }
+    let peer = peer_name(&fd, true);
+    Ok(Activation::Connection {
+        conn: connection(fd),
+        peer,
+    })
+}
+
+/// A connected socket, tuned for NBD: small replies must not wait for
+/// Nagle's algorithm.
+pub fn connection(fd: OwnedFd) -> Conn {
+    // Fails harmlessly on Unix sockets.
+    let _ = setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    Conn::socket(fd)
+}
+
+/// Who is on the other end: systemd's REMOTE_ADDR/REMOTE_PORT when it set
+/// them, else getpeername.
+pub fn peer_name(fd: &OwnedFd, from_systemd: bool) -> String {
+    if let (true, Ok(addr)) = (from_systemd, std::env::var("REMOTE_ADDR")) {
+        return match std::env::var("REMOTE_PORT") {
+            Ok(port) if addr.contains(':') => format!("[{addr}]:{port}"),
+            Ok(port) => format!("{addr}:{port}"),
+            Err(_) => addr,
+        };
+    }
+    match getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(a) => match a.family() {
+            Some(AddressFamily::Unix) => "unix socket".into(),
+            _ => a.to_string(),
+        },
+        Err(_) => "unknown peer".into(),
+    }
+}
+
+/// A socket file left by a previous run would make bind fail; remove it,
+/// but only if it is a socket nobody listens on.
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket && std::os::unix::net::UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,0 +1,349 @@
+//! The command line (clap, every option also readable from a `TMPDISK_*`
+//! environment variable so units can use `Environment=`/`EnvironmentFile=`)
+//! and its validation into a [`Config`]. Nothing here touches the system
+//! except the tmpdir check.
+
+use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser};
+
+/// NBD's registered port.
+pub const DEFAULT_PORT: u16 = 10809;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tmpdisk",
+    version,
+    about = "Serve every NBD client a fresh, empty, temporary filesystem of its own",
+    long_about = "Serve every NBD client a fresh, empty, temporary filesystem of its own.\n\n\
+        Each connection gets a new sparse image of SIZE in the tmpdir, formatted by mkfs, \
+        served over NBD until the client leaves, and gone when it does: the image never has \
+        a name, so nothing survives the process, however it ends.\n\n\
+        Activation: without --stdio/--listen/--unix, tmpdisk takes the socket systemd passes \
+        (LISTEN_FDS): a connected one (Accept=yes) is served, a listening one gets the \
+        standalone accept loop.",
+    after_help = "Exit status: 0 the client was served (or left), 1 the disk could not be \
+        built or served, 2 usage error.",
+    group(ArgGroup::new("activation").args(["stdio", "listen", "unix"]).multiple(false))
+)]
+pub struct Args {
+    /// Size of each client's disk: bytes, or with K, M, G, T, P, E (powers of 1024; KiB, MiB... also accepted)
+    #[arg(value_name = "SIZE", env = "TMPDISK_SIZE", value_parser = parse_size)]
+    pub size_arg: Option<u64>,
+
+    /// Same as the SIZE argument
+    #[arg(long = "size", value_name = "SIZE", value_parser = parse_size, conflicts_with = "size_arg")]
+    pub size_opt: Option<u64>,
+
+    /// Filesystem to create: runs mkfs.TYPE (ext4, xfs, vfat, btrfs, ntfs, ...)
+    #[arg(short = 't', long = "type", value_name = "TYPE", env = "TMPDISK_TYPE",
+          default_value = "ext4", value_parser = parse_fs_type)]
+    pub fs_type: String,
+
+    /// Filesystem label (passed to mkfs with the right flag for the type)
+    #[arg(short = 'L', long, value_name = "LABEL", env = "TMPDISK_LABEL")]
+    pub label: Option<OsString>,
+
+    /// Extra argument for mkfs (repeatable; in the environment variable, space-separated)
+    #[arg(long = "mkfs-option", value_name = "OPT", env = "TMPDISK_MKFS_OPTIONS",
+          value_delimiter = ' ', allow_hyphen_values = true, action = clap::ArgAction::Append)]
+    pub mkfs_options: Vec<OsString>,
+
+    /// Run CMD with /bin/sh instead of mkfs; it finds the image in $disk and the
+    /// settings in $size, $type and $label
+    #[arg(short = 'c', long, value_name = "CMD", env = "TMPDISK_COMMAND")]
+    pub command: Option<OsString>,
+
+    /// Directory for the images [default: $TMPDIR, else /var/tmp]
+    #[arg(long, value_name = "DIR", env = "TMPDISK_TMPDIR")]
+    pub tmpdir: Option<PathBuf>,
+
+    /// Drop a client that has not finished negotiating after SECS seconds of
+    /// waiting for it (0 = never)
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "TMPDISK_HANDSHAKE_TIMEOUT",
+        default_value_t = 30
+    )]
+    pub handshake_timeout: u64,
+
+    /// Log level: error, warn, info, debug or trace
+    #[arg(long, value_name = "LEVEL", env = "TMPDISK_LOG_LEVEL", default_value = "info",
+          value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: String,
+
+    // Activation flags deliberately have no environment variable: the same
+    // configuration file feeds socket-activated instances, which must never
+    // start listening on their own.
+    /// Serve one client on stdin/stdout (inetd, ssh, libnbd's connect_command)
+    #[arg(long)]
+    pub stdio: bool,
+
+    /// Standalone: listen on TCP ADDR[:PORT] (port 10809 by default), one process per client
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub listen: Option<String>,
+
+    /// Standalone: listen on a Unix socket, one process per client
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+}
+
+/// How this process meets its clients.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Whatever systemd passed in LISTEN_FDS.
+    Systemd,
+    Stdio,
+    Tcp(Vec<SocketAddr>),
+    Unix(PathBuf),
+}
+
+/// How the disk is initialised.
+#[derive(Debug, Clone)]
+pub struct FsSpec {
+    pub fs_type: String,
+    pub label: Option<OsString>,
+    pub mkfs_options: Vec<OsString>,
+    pub command: Option<OsString>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub size: u64,
+    pub fs: FsSpec,
+    pub tmpdir: PathBuf,
+    pub handshake_timeout: Option<Duration>,
+    pub mode: Mode,
+    pub log_level: tracing::Level,
+}
+
+impl Config {
+    /// Validate what clap parsed. The error is one line for stderr.
+    pub fn from_args(a: Args) -> Result<Config, String> {
+        let size = a
+            .size_arg
+            .or(a.size_opt)
+            .ok_or("the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)")?;
+        if a.label
+            .as_ref()
+            .is_some_and(|l| l.as_encoded_bytes().contains(&0))
+        {
+            return Err("--label must not contain a NUL byte".into());
+        }
+        let tmpdir = a
+            .tmpdir
+            .or_else(|| {
+                std::env::var_os("TMPDIR")
+                    .filter(|t| !t.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+        let mode = if a.stdio {
+            Mode::Stdio
+        } else if let Some(l) = a.listen {
+            Mode::Tcp(parse_listen(&l)?)
+        } else if let Some(u) = a.unix {
+            Mode::Unix(u)
+        } else {
+            Mode::Systemd
+        };
+        let log_level = a.log_level.parse().map_err(|_| "bad --log-level")?;
+        Ok(Config {
+            size,
+            fs: FsSpec {
+                fs_type: a.fs_type,
+                label: a.label,
+                mkfs_options: a
+                    .mkfs_options
+                    .into_iter()
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+                command: a.command,
+            },
+            tmpdir,
+            handshake_timeout: (a.handshake_timeout > 0)
+                .then(|| Duration::from_secs(a.handshake_timeout)),
+            mode,
+            log_level,
+        })
+    }
+
+    /// Check that the tmpdir is a directory we can use. Listener modes fail
+    /// at start on this; a single connection instead tells its client.
+    pub fn check_tmpdir(&self) -> Result<(), String> {
+        match std::fs::metadata(&self.tmpdir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(format!("tmpdir {}: not a directory", self.tmpdir.display())),
+            Err(e) => Err(format!("tmpdir {}: {e}", self.tmpdir.display())),
+        }
+    }
+}
+
+/// Parse a size: a number with an optional binary suffix. Rejects 0,
+/// unknown suffixes and anything a file offset cannot hold (2^63 and up).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, suffix) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "invalid size {s:?}: expected a number such as 1073741824, 64M or 1G"
+        ));
+    }
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        "p" | "pib" => 50,
+        "e" | "eib" => 60,
+        _ => {
+            return Err(format!(
+                "invalid size {s:?}: unknown suffix {suffix:?} (use K, M, G, T, P or E, powers of 1024)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: number too large"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .filter(|&b| b <= i64::MAX as u64)
+        .ok_or_else(|| format!("invalid size {s:?}: larger than the maximum of 2^63-1 bytes"))?;
+    if bytes == 0 {
+        return Err("invalid size: must be at least 1 byte".into());
+    }
+    Ok(bytes)
+}
+
+/// A filesystem type names a program, `mkfs.TYPE`: keep it to a plain name
+/// so it can never become a path.
+fn parse_fs_type(s: &str) -> Result<String, String> {
+    if s.is_empty()
+        || s.len() > 32
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "invalid filesystem type {s:?}: expected a name such as ext4, xfs or vfat"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// ADDR[:PORT] for --listen: "127.0.0.1", "[::1]:10810", "localhost:10810",
+/// ":10810" (all addresses).
+fn parse_listen(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("invalid --listen address {s:?}: {e}");
+    let with_port = if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    } else if let Ok(ip) = s
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+    {
+        return Ok(vec![SocketAddr::new(ip, DEFAULT_PORT)]);
+    } else if let Some(port) = s.strip_prefix(':') {
+        format!("0.0.0.0:{port}")
+    } else if s.contains(':') {
+        s.to_string()
+    } else {
+        format!("{s}:{DEFAULT_PORT}")
+    };
+    let addrs: Vec<SocketAddr> = with_port.to_socket_addrs().map_err(|e| bad(&e))?.collect();
+    if addrs.is_empty() {
+        return Err(bad(&"no address"));
+    }
+    Ok(addrs)
+}
+
+/// Human-readable size for logs and export descriptions ("1 GiB", "1.5 GiB").
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut i = 0;
+    while i + 1 < UNITS.len() && bytes >= 1u64 << (10 * (i + 1)) {
+        i += 1;
+    }
+    if i == 0 {
+        return format!("{bytes} bytes");
+    }
+    let unit = 1u64 << (10 * i);
+    if bytes.is_multiple_of(unit) {
+        format!("{} {}", bytes / unit, UNITS[i])
+    } else {
+        format!("{:.1} {}", bytes as f64 / unit as f64, UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10gib"), Ok(10 << 30));
+        assert_eq!(parse_size("7E"), Ok(7 << 60));
+    }
+
+    #[test]
+    fn bad_sizes_say_why() {
+        assert!(parse_size("0").unwrap_err().contains("at least 1"));
+        assert!(parse_size("0G").unwrap_err().contains("at least 1"));
+        assert!(parse_size("5Q").unwrap_err().contains("unknown suffix"));
+        assert!(parse_size("1KB").unwrap_err().contains("unknown suffix"));
+        assert!(parse_size("8E").unwrap_err().contains("2^63"));
+        assert!(
+            parse_size("9223372036854775808")
+                .unwrap_err()
+                .contains("2^63")
+        );
+        assert!(
+            parse_size("99999999999999999999")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(parse_size("").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("1.5G").is_err());
+        assert_eq!(parse_size("9223372036854775807"), Ok(i64::MAX as u64));
+    }
+
+    #[test]
+    fn filesystem_types_cannot_be_paths() {
+        assert!(parse_fs_type("ext4").is_ok());
+        assert!(parse_fs_type("../../bin/sh").is_err());
+        assert!(parse_fs_type("").is_err());
+        assert!(parse_fs_type("a b").is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("127.0.0.1").unwrap()[0].port(), DEFAULT_PORT);
+        assert_eq!(parse_listen("127.0.0.1:1234").unwrap()[0].port(), 1234);
+        assert_eq!(parse_listen("[::1]:1234").unwrap()[0].port(), 1234);
+        assert_eq!(parse_listen("::1").unwrap()[0].port(), DEFAULT_PORT);
+        assert_eq!(parse_listen(":1234").unwrap()[0].port(), 1234);
+        assert!(parse_listen("127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(64 << 20), "64 MiB");
+    }
+}

@@ -1,0 +1,322 @@
+//! The temporary image: a sparse file that has no name.
+//!
+//! It is created with `O_TMPFILE` in the tmpdir (or, where the filesystem
+//! lacks it, under a private name that is unlinked at once), so it lives
+//! exactly as long as our fd: when the process dies, however it dies, the
+//! kernel frees it. Everything the protocol does to the disk goes through
+//! here: positional reads and writes, hole punching, zeroing by fallocate,
+//! and the SEEK_DATA/SEEK_HOLE walk behind block status and sparse reads.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
+use nix::unistd::{Whence, lseek};
+
+/// How the image got its (lack of a) name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymity {
+    /// `O_TMPFILE`: it never had a name.
+    Tmpfile,
+    /// The filesystem does not support O_TMPFILE: it had a private name for
+    /// the moment between open and unlink.
+    Unlinked,
+}
+
+/// A run of the image that is either all data or all hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+    /// False for a hole (reads as zeroes, takes no space).
+    pub data: bool,
+}
+
+pub struct Image {
+    file: File,
+    size: u64,
+}
+
+impl Image {
+    /// Make a new, empty, sparse image of `size` bytes in `dir`.
+    pub fn create(dir: &Path, size: u64) -> io::Result<(Image, Anonymity)> {
+        let (file, how) = match open_tmpfile(dir) {
+            Ok(f) => (f, Anonymity::Tmpfile),
+            // EOPNOTSUPP/EISDIR/EINVAL: this filesystem or kernel has no
+            // O_TMPFILE. Anything else (ENOENT, EACCES, ...) is a real error.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+                ) =>
+            {
+                (open_unlinked(dir)?, Anonymity::Unlinked)
+            }
+            Err(e) => return Err(e),
+        };
+        file.set_len(size).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EFBIG) {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{size} bytes is larger than the tmpdir's filesystem allows for a file"
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        Ok((Image { file, size }, how))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Re-read the size after something else (the user's command) may have
+    /// changed it.
+    pub fn refresh_size(&mut self) -> io::Result<u64> {
+        self.size = self.file.metadata()?.len();
+        Ok(self.size)
+    }
+
+    /// Fill `buf` from `offset`; a range past the end reads as zeroes.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    // The file shrank under us (only the user's command
+                    // could do that): what is not there reads as zero.
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Deallocate a range: it reads back as zeroes and frees disk space.
+    pub fn punch_hole(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.fallocate(
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
+    }
+
+    /// Zero a range and keep it allocated (for NBD_CMD_FLAG_NO_HOLE).
+    pub fn zero_range(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.fallocate(
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
+    }
+
+    fn fallocate(&self, flags: FallocateFlags, offset: u64, length: u64) -> io::Result<()> {
+        let (off, len) = (to_off(offset)?, to_off(length)?);
+        loop {
+            match fallocate(&self.file, flags, off, len) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    }
+
+    /// Write literal zero bytes (when the filesystem can do nothing faster).
+    pub fn write_zeroes(&self, offset: u64, length: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        scratch.clear();
+        scratch.resize(CHUNK.min(length as usize), 0);
+        let mut done = 0u64;
+        while done < length {
+            let n = (length - done).min(scratch.len() as u64) as usize;
+            self.write_at(&scratch[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hint that a range will be read soon (NBD_CMD_CACHE).
+    pub fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
+        posix_fadvise(
+            &self.file,
+            to_off(offset)?,
+            to_off(length)?,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// The data/hole runs covering `[offset, offset+length)`, at most `max`
+    /// of them (the last one may then end early), appended to `out`.
+    /// Ranges past the end of the file are holes.
+    pub fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        let end = offset.saturating_add(length);
+        let mut pos = offset;
+        while pos < end && max > 0 {
+            let (data, next) = match self.seek(pos, Whence::SeekData)? {
+                // Data starts here: it runs until the next hole.
+                Some(d) if d == pos => (true, self.seek(pos, Whence::SeekHole)?.unwrap_or(end)),
+                // A hole runs until the next data (or the end).
+                Some(d) => (false, d),
+                None => (false, end),
+            };
+            let stop = next.clamp(pos + 1, end);
+            let full = out.len() == max;
+            match out.last_mut() {
+                Some(last) if last.data == data && last.offset + last.length == pos => {
+                    last.length += stop - pos
+                }
+                _ if full => break,
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: stop - pos,
+                    data,
+                }),
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// lseek with SEEK_DATA/SEEK_HOLE; `None` where the kernel says there is
+    /// no more data (ENXIO) past `pos`.
+    fn seek(&self, pos: u64, whence: Whence) -> io::Result<Option<u64>> {
+        match lseek(&self.file, to_off(pos)?, whence) {
+            Ok(p) => Ok(Some(p as u64)),
+            Err(nix::errno::Errno::ENXIO) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl AsFd for Image {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+fn to_off(v: u64) -> io::Result<i64> {
+    i64::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+fn open_tmpfile(dir: &Path) -> io::Result<File> {
+    // std adds O_CLOEXEC to every open.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
+/// The fallback for filesystems without O_TMPFILE: a name nobody else can
+/// guess or open (O_EXCL, mode 0600), unlinked before anything else happens.
+fn open_unlinked(dir: &Path) -> io::Result<File> {
+    for attempt in 0..100u32 {
+        let name = dir.join(format!(
+            ".tmpdisk-{}-{}-{attempt}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&name)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&name)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "could not find a free temporary name",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(size: u64) -> Image {
+        Image::create(&std::env::temp_dir(), size)
+            .expect("image in temp dir")
+            .0
+    }
+
+    #[test]
+    fn fresh_image_is_one_hole() {
+        let img = image(1 << 20);
+        let mut out = Vec::new();
+        img.extents(0, 1 << 20, 16, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![Extent {
+                offset: 0,
+                length: 1 << 20,
+                data: false
+            }]
+        );
+    }
+
+    #[test]
+    fn written_block_is_data_and_punch_makes_it_a_hole() {
+        let img = image(1 << 20);
+        img.write_at(&[7u8; 4096], 65536).unwrap();
+        let mut out = Vec::new();
+        img.extents(0, 1 << 20, 16, &mut out).unwrap();
+        assert!(
+            out.iter()
+                .any(|e| e.data && e.offset <= 65536 && e.offset + e.length >= 69632),
+            "{out:?}"
+        );
+        assert_eq!(out.iter().map(|e| e.length).sum::<u64>(), 1 << 20);
+        img.punch_hole(65536, 4096).unwrap();
+        out.clear();
+        img.extents(0, 1 << 20, 16, &mut out).unwrap();
+        assert!(out.iter().all(|e| !e.data), "{out:?}");
+        let mut buf = [1u8; 4096];
+        img.read_at(&mut buf, 65536).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn extents_stop_at_max() {
+        let img = image(1 << 20);
+        for i in 0..8u64 {
+            img.write_at(&[1u8; 4096], i * 65536).unwrap();
+        }
+        let mut out = Vec::new();
+        img.extents(0, 1 << 20, 3, &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].offset, 0);
+        assert!(out[0].data);
+    }
+}

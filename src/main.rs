@@ -1,0 +1,60 @@
+//! Wires the modules together: parse and validate the command line, set up
+//! logging, find the client(s), serve, and turn the result into an exit
+//! code (0 served, 1 failure, 2 usage error).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing::error;
+
+use tmpdisk::activation::{self, Activation, ActivationError};
+use tmpdisk::cli::{Args, Config, Mode};
+use tmpdisk::{listener, logging, session};
+
+/// Clients served at once by a standalone listener.
+const MAX_CONNECTIONS: usize = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tmpdisk: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(cfg.log_level);
+    let listening = matches!(cfg.mode, Mode::Tcp(_) | Mode::Unix(_));
+    if let Err(e) = cfg.check_tmpdir() {
+        if listening {
+            eprintln!("tmpdisk: {e}");
+            return ExitCode::from(2);
+        }
+        // A single connection reports it to its client when the disk is
+        // built; say it here too.
+        error!("{e}");
+    }
+    match activation::activate(&cfg.mode) {
+        Ok(Activation::Connection { conn, peer }) => {
+            ExitCode::from(session::serve(conn, peer, &cfg))
+        }
+        Ok(Activation::Listen(l)) => {
+            let serve = |conn, peer| session::serve(conn, peer, &cfg);
+            match listener::run(l, MAX_CONNECTIONS, &serve) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(ActivationError::Usage(e)) => {
+            eprintln!("tmpdisk: {e}");
+            ExitCode::from(2)
+        }
+        Err(ActivationError::Failed(e)) => {
+            eprintln!("tmpdisk: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

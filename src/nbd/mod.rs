@@ -1,0 +1,10 @@
+//! The NBD protocol, server side. No `unsafe` and no system calls here:
+//! everything runs over a `Read + Write` stream and an [`crate::image::Image`].
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod negotiate;
+pub mod stream;
+pub mod transmit;
+pub mod validate;
+pub mod wire;

@@ -1,0 +1,208 @@
+//! One client, start to finish: the serving path every activation mode
+//! ends in. Negotiate (building the disk on the first INFO/GO), serve
+//! requests until the client leaves, log what happened, and return the
+//! exit code. The disk goes with the process.
+
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use crate::cli::{Config, human_size};
+use crate::conn::Conn;
+use crate::image::Image;
+use crate::mkfs;
+use crate::nbd::error::Hangup;
+use crate::nbd::negotiate::{self, Exports, OpenError, Outcome, Tls};
+use crate::nbd::stream::Stream;
+use crate::nbd::transmit::{self, End, Stats};
+use crate::nbd::wire::REP_ERR_UNKNOWN;
+use crate::status;
+
+/// Exit codes (see `tmpdisk --help`).
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Serve one client over `conn`; returns the process exit code.
+pub fn serve(mut conn: Conn, peer: String, cfg: &Config) -> u8 {
+    let started = Instant::now();
+    conn.set_wait_budget(cfg.handshake_timeout);
+    let mut disk = Disk::new(cfg);
+    let mut s = Stream::new(conn);
+    debug!(%peer, "client connected");
+
+    let negotiated = negotiate::handshake(&mut s)
+        .and_then(|no_zeroes| negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Unavailable));
+    let n = match negotiated {
+        Ok(Outcome::Go(n)) => n,
+        Ok(Outcome::Abort) => {
+            info!(%peer, "client left during negotiation");
+            return finish(&disk, None);
+        }
+        Ok(Outcome::StartTls) => {
+            // Unreachable: STARTTLS is refused while TLS is unavailable.
+            error!(%peer, "STARTTLS accepted without TLS");
+            return finish(&disk, None);
+        }
+        Err(h) => return finish(&disk, Some((&peer, &h))),
+    };
+    let Some(image) = disk.image() else {
+        // negotiate only returns Go after `open` succeeded.
+        error!(%peer, "export chosen but no disk was built");
+        return EXIT_FAILURE;
+    };
+    if let Ok(c) = s.channel() {
+        c.set_wait_budget(None);
+    }
+    info!(
+        %peer,
+        export = %n.export_name,
+        size = n.size,
+        fs_type = %disk.kind(),
+        mkfs_ms = disk.mkfs_ms,
+        structured = n.replies.structured(),
+        "client served"
+    );
+    status::status(&format!("serving {peer}: {}", disk.description()));
+
+    let mut stats = Stats::default();
+    let end = transmit::serve(&mut s, image, &n, &mut stats);
+    let seconds = started.elapsed().as_secs_f64();
+    let how = match &end {
+        Ok(End::Disconnect) => "disconnect".to_string(),
+        Ok(End::Closed) => "closed".to_string(),
+        Err(h) => h.to_string(),
+    };
+    info!(
+        %peer,
+        bytes_read = stats.bytes_read,
+        bytes_written = stats.bytes_written,
+        requests = stats.requests,
+        seconds = format!("{seconds:.3}"),
+        end = %how,
+        "client left"
+    );
+    match end {
+        Ok(_) => finish(&disk, None),
+        Err(h) => finish(&disk, Some((&peer, &h))),
+    }
+}
+
+/// Log how the session ended and pick the exit code: 1 when the server
+/// failed (the disk could not be built or used), 0 otherwise, including
+/// clients that misbehaved (logged as warnings, not our failure).
+fn finish(disk: &Disk, hangup: Option<(&str, &Hangup)>) -> u8 {
+    status::ready_before_exit("client left");
+    if let Some((peer, h)) = hangup {
+        match h {
+            Hangup::Closed => debug!(%peer, "client closed the connection"),
+            Hangup::Server(why) => error!(%peer, reason = %why, "cannot serve the client"),
+            _ => warn!(%peer, reason = %h, "client dropped"),
+        }
+        if h.is_server_failure() {
+            return EXIT_FAILURE;
+        }
+    }
+    if disk.failed() { EXIT_FAILURE } else { EXIT_OK }
+}
+
+/// The client's disk: nothing until first asked for, then built once and
+/// kept (or the reason it could not be built, told to every later ask).
+struct Disk<'a> {
+    cfg: &'a Config,
+    state: State,
+    mkfs_ms: u64,
+}
+
+enum State {
+    Empty,
+    Ready(Image),
+    Failed(OpenError),
+}
+
+impl<'a> Disk<'a> {
+    fn new(cfg: &'a Config) -> Self {
+        Disk {
+            cfg,
+            state: State::Empty,
+            mkfs_ms: 0,
+        }
+    }
+
+    fn image(&self) -> Option<&Image> {
+        match &self.state {
+            State::Ready(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn failed(&self) -> bool {
+        matches!(self.state, State::Failed(_))
+    }
+
+    fn kind(&self) -> &str {
+        match self.cfg.fs.command {
+            Some(_) => "command",
+            None => &self.cfg.fs.fs_type,
+        }
+    }
+
+    fn build(&mut self) -> Result<Image, String> {
+        let cfg = self.cfg;
+        let (mut image, how) = Image::create(&cfg.tmpdir, cfg.size)
+            .map_err(|e| format!("cannot create the disk in {}: {e}", cfg.tmpdir.display()))?;
+        status::status(&format!("building {}", self.description()));
+        let t = Instant::now();
+        // The setup timeout of the robustness issue will bound this.
+        let timeout: Option<Duration> = None;
+        mkfs::run(&image, &cfg.fs, timeout).map_err(|e| e.0)?;
+        self.mkfs_ms = t.elapsed().as_millis() as u64;
+        if cfg.fs.command.is_some() {
+            // The command may have resized the file: serve what it made.
+            image
+                .refresh_size()
+                .map_err(|e| format!("cannot stat the disk after the command: {e}"))?;
+        }
+        debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, "disk built");
+        Ok(image)
+    }
+}
+
+impl Exports for Disk<'_> {
+    fn open(&mut self) -> Result<u64, OpenError> {
+        if let State::Empty = self.state {
+            self.state = match self.build() {
+                Ok(image) => {
+                    status::ready(&format!("ready: {}", self.description()));
+                    State::Ready(image)
+                }
+                Err(message) => {
+                    error!(reason = %message, "cannot build the disk");
+                    State::Failed(OpenError {
+                        reply: REP_ERR_UNKNOWN,
+                        message,
+                    })
+                }
+            };
+        }
+        match &self.state {
+            State::Ready(image) => Ok(image.size()),
+            State::Failed(e) => Err(e.clone()),
+            State::Empty => unreachable!("built above"),
+        }
+    }
+
+    fn description(&self) -> String {
+        let size = human_size(self.image().map_or(self.cfg.size, Image::size));
+        let label = match &self.cfg.fs.label {
+            Some(l) => format!(" labelled {:?}", l.to_string_lossy()),
+            None => String::new(),
+        };
+        match self.cfg.fs.command {
+            Some(_) => format!("fresh {size} disk prepared by a command, per connection"),
+            None => format!(
+                "fresh {size} {}{label} disk per connection",
+                self.cfg.fs.fs_type
+            ),
+        }
+    }
+}
