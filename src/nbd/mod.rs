@@ -8,3 +8,6 @@ pub mod stream;
 pub mod transmit;
 pub mod validate;
 pub mod wire;
+
+#[cfg(test)]
+mod tests;

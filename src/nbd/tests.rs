@@ -1,0 +1,802 @@
+//! Protocol tests: the real negotiation and transmission code on one end
+//! of a socket pair, a hand-written client speaking raw bytes on the other,
+//! against a real (mkfs-less) temporary image. They pin the wire format and
+//! what each kind of bad input gets.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::error::Hangup;
+use super::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
+use super::stream::Stream;
+use super::transmit::{End, Stats, serve};
+use super::wire::*;
+use crate::image::Image;
+
+const SIZE: u64 = 4 << 20;
+
+/// Exports backed by a plain sparse image; counts how often it is built.
+struct TestExports {
+    image: Option<Image>,
+    builds: usize,
+    fail: Option<String>,
+}
+
+impl Exports for TestExports {
+    fn open(&mut self) -> Result<u64, OpenError> {
+        if let Some(m) = &self.fail {
+            return Err(OpenError {
+                reply: REP_ERR_UNKNOWN,
+                message: m.clone(),
+            });
+        }
+        if self.image.is_none() {
+            self.builds += 1;
+            self.image = Some(Image::create(&std::env::temp_dir(), SIZE).unwrap().0);
+        }
+        Ok(SIZE)
+    }
+    fn description(&self) -> String {
+        "test disk".into()
+    }
+}
+
+/// How the server side of a test ended.
+#[derive(Debug)]
+enum Ended {
+    Aborted,
+    Served(End),
+    Hung(String),
+}
+
+struct Server {
+    thread: JoinHandle<(Ended, usize)>,
+}
+
+impl Server {
+    fn start(fail: Option<&str>) -> (Server, Client) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let fail = fail.map(String::from);
+        let thread = std::thread::spawn(move || {
+            let mut ex = TestExports {
+                image: None,
+                builds: 0,
+                fail,
+            };
+            let mut s = Stream::new(a);
+            let r =
+                handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, Tls::Unavailable));
+            let ended = match r {
+                Ok(Outcome::Go(n)) => {
+                    let img = ex.image.as_ref().unwrap();
+                    let mut stats = Stats::default();
+                    match serve(&mut s, img, &n, &mut stats) {
+                        Ok(e) => Ended::Served(e),
+                        Err(h) => Ended::Hung(h.to_string()),
+                    }
+                }
+                Ok(Outcome::Abort) => Ended::Aborted,
+                Ok(Outcome::StartTls) => Ended::Hung("starttls".into()),
+                Err(Hangup::Closed) => Ended::Hung("closed".into()),
+                Err(h) => Ended::Hung(h.to_string()),
+            };
+            (ended, ex.builds)
+        });
+        (Server { thread }, Client { s: b })
+    }
+
+    fn join(self) -> (Ended, usize) {
+        self.thread.join().unwrap()
+    }
+}
+
+struct Client {
+    s: UnixStream,
+}
+
+struct OptReply {
+    option: u32,
+    kind: u32,
+    data: Vec<u8>,
+}
+
+struct Chunk {
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    payload: Vec<u8>,
+}
+
+impl Client {
+    fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        self.s.read_exact(&mut b).unwrap();
+        b
+    }
+
+    /// Read the greeting, send client flags.
+    fn hello(&mut self, cflags: u32) {
+        let g = self.read_n(18);
+        assert_eq!(be64(&g[0..8]), NBDMAGIC);
+        assert_eq!(be64(&g[8..16]), IHAVEOPT);
+        assert_eq!(be16(&g[16..18]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        self.s.write_all(&cflags.to_be_bytes()).unwrap();
+    }
+
+    fn opt(&mut self, option: u32, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).unwrap();
+    }
+
+    fn reply(&mut self) -> OptReply {
+        let h = self.read_n(20);
+        assert_eq!(be64(&h[0..8]), OPTION_REPLY_MAGIC);
+        let len = be32(&h[16..20]) as usize;
+        OptReply {
+            option: be32(&h[8..12]),
+            kind: be32(&h[12..16]),
+            data: self.read_n(len),
+        }
+    }
+
+    /// Send an option and collect replies up to the final ACK or error.
+    fn haggle(&mut self, option: u32, data: &[u8]) -> Vec<OptReply> {
+        self.opt(option, data);
+        let mut out = Vec::new();
+        loop {
+            let r = self.reply();
+            assert_eq!(r.option, option);
+            let last = r.kind == REP_ACK || r.kind & (1 << 31) != 0;
+            out.push(r);
+            if last {
+                return out;
+            }
+        }
+    }
+
+    fn go(&mut self, name: &[u8]) -> Vec<OptReply> {
+        self.haggle(OPT_GO, &info_data(name, &[]))
+    }
+
+    fn negotiate_structured(&mut self, meta: bool) {
+        self.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        assert_eq!(self.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+        if meta {
+            let r = self.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+            assert_eq!(r[0].kind, REP_META_CONTEXT);
+        }
+        assert_eq!(self.go(b"").last().unwrap().kind, REP_ACK);
+    }
+
+    fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&cmd.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&offset.to_be_bytes());
+        m.extend_from_slice(&len.to_be_bytes());
+        m.extend_from_slice(payload);
+        self.s.write_all(&m).unwrap();
+    }
+
+    /// A simple reply: (error, cookie).
+    fn simple(&mut self) -> (u32, u64) {
+        let h = self.read_n(16);
+        assert_eq!(
+            be32(&h[0..4]),
+            SIMPLE_REPLY_MAGIC,
+            "expected a simple reply"
+        );
+        (be32(&h[4..8]), be64(&h[8..16]))
+    }
+
+    fn chunk(&mut self) -> Chunk {
+        let h = self.read_n(20);
+        assert_eq!(
+            be32(&h[0..4]),
+            STRUCTURED_REPLY_MAGIC,
+            "expected a structured reply"
+        );
+        let len = be32(&h[16..20]) as usize;
+        Chunk {
+            flags: be16(&h[4..6]),
+            kind: be16(&h[6..8]),
+            cookie: be64(&h[8..16]),
+            payload: self.read_n(len),
+        }
+    }
+
+    /// Chunks up to and including the one marked DONE.
+    fn chunks(&mut self) -> Vec<Chunk> {
+        let mut v = Vec::new();
+        loop {
+            let c = self.chunk();
+            let done = c.flags & REPLY_FLAG_DONE != 0;
+            v.push(c);
+            if done {
+                return v;
+            }
+        }
+    }
+
+    /// The error code (0 for success) of a reply that may be simple or
+    /// structured (servers may answer non-reads either way).
+    fn status(&mut self) -> u32 {
+        let magic = self.read_n(4);
+        let rest = if be32(&magic) == SIMPLE_REPLY_MAGIC {
+            12
+        } else {
+            16
+        };
+        let mut h = magic;
+        h.extend(self.read_n(rest));
+        if be32(&h[0..4]) == SIMPLE_REPLY_MAGIC {
+            return be32(&h[4..8]);
+        }
+        assert_eq!(be32(&h[0..4]), STRUCTURED_REPLY_MAGIC);
+        assert_ne!(be16(&h[4..6]) & REPLY_FLAG_DONE, 0, "single chunk expected");
+        let payload = self.read_n(be32(&h[16..20]) as usize);
+        match be16(&h[6..8]) {
+            REPLY_TYPE_ERROR => be32(&payload[0..4]),
+            _ => 0,
+        }
+    }
+
+    fn assert_closed(&mut self) {
+        let mut b = [0u8; 1];
+        assert_eq!(
+            self.s.read(&mut b).unwrap(),
+            0,
+            "server should have hung up"
+        );
+    }
+}
+
+fn info_data(name: &[u8], requests: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        d.extend_from_slice(&r.to_be_bytes());
+    }
+    d
+}
+
+fn meta_data(name: &[u8], queries: &[&[u8]]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name);
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q);
+    }
+    d
+}
+
+fn hung(e: Ended, what: &str) {
+    match e {
+        Ended::Hung(m) => assert!(m.contains(what), "hung up with {m:?}, expected {what:?}"),
+        other => panic!("expected a hang-up ({what}), got {other:?}"),
+    }
+}
+
+// --- handshake and options ------------------------------------------------------
+
+#[test]
+fn unknown_client_flags_hang_up() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(1 << 5 | FLAG_C_FIXED_NEWSTYLE);
+    c.assert_closed();
+    hung(srv.join().0, "unknown handshake flags");
+}
+
+#[test]
+fn unknown_option_gets_unsup_and_negotiation_goes_on() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let r = c.haggle(99, b"some data");
+    assert_eq!(r[0].kind, REP_ERR_UNSUP);
+    assert!(String::from_utf8_lossy(&r[0].data).contains("not supported"));
+    let r = c.haggle(OPT_PEEK_EXPORT, &[]);
+    assert_eq!(r[0].kind, REP_ERR_UNSUP);
+    assert_eq!(c.go(b"").last().unwrap().kind, REP_ACK);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
+
+#[test]
+fn bad_option_magic_and_oversized_options_hang_up() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    c.s.write_all(&[0u8; 16]).unwrap();
+    c.assert_closed();
+    hung(srv.join().0, "bad option magic");
+
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_GO.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.s.write_all(&m).unwrap();
+    c.assert_closed();
+    hung(srv.join().0, "bytes of data");
+}
+
+#[test]
+fn malformed_info_requests_get_invalid() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    // Too short.
+    assert_eq!(c.haggle(OPT_INFO, &[0, 0, 0])[0].kind, REP_ERR_INVALID);
+    // Name length past the data.
+    let mut d = info_data(b"x", &[]);
+    d[3] = 200;
+    assert_eq!(c.haggle(OPT_INFO, &d)[0].kind, REP_ERR_INVALID);
+    // Request count does not match.
+    let mut d = info_data(b"", &[INFO_NAME]);
+    d.push(0);
+    assert_eq!(c.haggle(OPT_GO, &d)[0].kind, REP_ERR_INVALID);
+    c.opt(OPT_ABORT, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    let (ended, builds) = srv.join();
+    assert!(matches!(ended, Ended::Aborted));
+    assert_eq!(builds, 0, "malformed requests must not build the disk");
+}
+
+#[test]
+fn info_then_go_builds_once_and_describes_the_same_export() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let reqs = [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE, 77];
+    let info = c.haggle(OPT_INFO, &info_data(b"any name", &reqs));
+    let go = c.haggle(OPT_GO, &info_data(b"any name", &reqs));
+    for r in [&info, &go] {
+        assert_eq!(r.last().unwrap().kind, REP_ACK);
+        let infos: Vec<&OptReply> = r.iter().filter(|x| x.kind == REP_INFO).collect();
+        let export = infos.iter().find(|x| be16(&x.data) == INFO_EXPORT).unwrap();
+        assert_eq!(be64(&export.data[2..10]), SIZE);
+        let flags = be16(&export.data[10..12]);
+        assert_ne!(flags & TFLAG_HAS_FLAGS, 0);
+        assert_eq!(flags & TFLAG_CAN_MULTI_CONN, 0, "never multi-conn");
+        assert_eq!(flags & TFLAG_READ_ONLY, 0);
+        assert_eq!(flags & TFLAG_SEND_DF, 0, "no DF without structured replies");
+        let name = infos.iter().find(|x| be16(&x.data) == INFO_NAME).unwrap();
+        assert_eq!(&name.data[2..], b"any name");
+        let desc = infos
+            .iter()
+            .find(|x| be16(&x.data) == INFO_DESCRIPTION)
+            .unwrap();
+        assert_eq!(&desc.data[2..], b"test disk");
+        let bs = infos
+            .iter()
+            .find(|x| be16(&x.data) == INFO_BLOCK_SIZE)
+            .unwrap();
+        assert_eq!(
+            (
+                be32(&bs.data[2..]),
+                be32(&bs.data[6..]),
+                be32(&bs.data[10..])
+            ),
+            (1, 4096, MAX_PAYLOAD)
+        );
+    }
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    let (_, builds) = srv.join();
+    assert_eq!(builds, 1);
+}
+
+#[test]
+fn a_failed_build_is_an_option_error_with_the_reason() {
+    let (srv, mut c) = Server::start(Some("mkfs.xfs: Filesystem must be larger than 300MB."));
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let r = c.go(b"");
+    assert_eq!(r[0].kind, REP_ERR_UNKNOWN);
+    assert!(String::from_utf8_lossy(&r[0].data).contains("larger than 300MB"));
+    c.opt(OPT_ABORT, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    assert!(matches!(srv.join().0, Ended::Aborted));
+}
+
+#[test]
+fn list_starttls_and_structured_reply_rules() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(c.haggle(OPT_LIST, b"x")[0].kind, REP_ERR_INVALID);
+    let l = c.haggle(OPT_LIST, &[]);
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[0].kind, REP_SERVER);
+    assert_eq!(be32(&l[0].data), 0);
+    assert_eq!(&l[0].data[4..], b"test disk");
+    let t = c.haggle(OPT_STARTTLS, &[]);
+    assert_eq!(t[0].kind, REP_ERR_POLICY);
+    assert_eq!(
+        c.haggle(OPT_STRUCTURED_REPLY, b"x")[0].kind,
+        REP_ERR_INVALID
+    );
+    assert_eq!(c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+    assert_eq!(c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+    assert_eq!(c.haggle(OPT_EXTENDED_HEADERS, &[])[0].kind, REP_ACK);
+    assert_eq!(
+        c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind,
+        REP_ERR_EXT_HEADER_REQD
+    );
+    assert_eq!(c.haggle(OPT_EXTENDED_HEADERS, &[])[0].kind, REP_ERR_INVALID);
+    // EXPORT_NAME is forbidden after extended headers: hang up.
+    c.opt(OPT_EXPORT_NAME, b"");
+    c.assert_closed();
+    hung(srv.join().0, "after extended headers");
+}
+
+#[test]
+fn meta_contexts() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    // SET before structured replies: invalid.
+    let r = c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+    assert_eq!(r[0].kind, REP_ERR_INVALID);
+    assert_eq!(c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+    // LIST with no query lists everything, with id 0.
+    let r = c.haggle(OPT_LIST_META_CONTEXT, &meta_data(b"", &[]));
+    assert_eq!(r[0].kind, REP_META_CONTEXT);
+    assert_eq!(be32(&r[0].data), 0);
+    assert_eq!(&r[0].data[4..], b"base:allocation");
+    // "base:" is a wildcard for LIST, ignored by SET; other namespaces are ignored.
+    let r = c.haggle(OPT_LIST_META_CONTEXT, &meta_data(b"", &[b"base:"]));
+    assert_eq!(r[0].kind, REP_META_CONTEXT);
+    let r = c.haggle(
+        OPT_SET_META_CONTEXT,
+        &meta_data(b"", &[b"base:", b"qemu:dirty-bitmap:x"]),
+    );
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].kind, REP_ACK);
+    // Malformed: query length runs past the data.
+    let mut d = meta_data(b"", &[b"base:allocation"]);
+    d.truncate(d.len() - 1);
+    assert_eq!(c.haggle(OPT_SET_META_CONTEXT, &d)[0].kind, REP_ERR_INVALID);
+    let r = c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+    assert_eq!(r[0].kind, REP_META_CONTEXT);
+    assert_eq!(be32(&r[0].data), META_ID_BASE_ALLOCATION);
+    assert_eq!(c.go(b"").last().unwrap().kind, REP_ACK);
+    c.request(0, CMD_BLOCK_STATUS, 5, 0, 4096, &[]);
+    let ch = c.chunks();
+    assert_eq!(ch[0].kind, REPLY_TYPE_BLOCK_STATUS);
+    assert_eq!(ch[0].cookie, 5);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    srv.join();
+}
+
+#[test]
+fn block_status_for_another_export_name_is_dropped() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+    c.haggle(
+        OPT_SET_META_CONTEXT,
+        &meta_data(b"a", &[b"base:allocation"]),
+    );
+    assert_eq!(c.go(b"b").last().unwrap().kind, REP_ACK);
+    c.request(0, CMD_BLOCK_STATUS, 5, 0, 4096, &[]);
+    assert_eq!(c.status(), EINVAL);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    srv.join();
+}
+
+#[test]
+fn export_name_reply_honours_no_zeroes() {
+    for (cflags, len) in [
+        (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10),
+        (FLAG_C_FIXED_NEWSTYLE, 134),
+    ] {
+        let (srv, mut c) = Server::start(None);
+        c.hello(cflags);
+        c.opt(OPT_EXPORT_NAME, b"whatever");
+        let r = c.read_n(len);
+        assert_eq!(be64(&r[0..8]), SIZE);
+        assert!(r[10..].iter().all(|&b| b == 0));
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    }
+}
+
+#[test]
+fn too_many_options_hang_up() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let mut all = Vec::new();
+    for _ in 0..300 {
+        all.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        all.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+        all.extend_from_slice(&0u32.to_be_bytes());
+    }
+    // Replies are read by a thread so the server never blocks on us.
+    let mut r = c.s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+    });
+    let _ = c.s.write_all(&all);
+    reader.join().unwrap();
+    hung(srv.join().0, "options without choosing an export");
+}
+
+// --- transmission -----------------------------------------------------------------
+
+#[test]
+fn write_then_read_with_simple_replies() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    c.request(CMD_FLAG_FUA, CMD_WRITE, 7, 4096, 8192, &data);
+    assert_eq!(c.simple(), (0, 7));
+    c.request(0, CMD_READ, 8, 4096, 8192, &[]);
+    assert_eq!(c.simple(), (0, 8));
+    assert_eq!(c.read_n(8192), data);
+    c.request(0, CMD_FLUSH, 9, 0, 0, &[]);
+    assert_eq!(c.simple(), (0, 9));
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
+
+#[test]
+fn bad_requests_get_errors_and_the_session_goes_on() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    // Past the end: write ENOSPC (payload consumed), read EINVAL.
+    c.request(0, CMD_WRITE, 1, SIZE - 1, 2, &[1, 2]);
+    assert_eq!(c.simple(), (ENOSPC, 1));
+    c.request(0, CMD_READ, 2, SIZE, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 2));
+    // Wrapping offset.
+    c.request(0, CMD_TRIM, 3, u64::MAX, 2, &[]);
+    assert_eq!(c.simple(), (EINVAL, 3));
+    // Unknown command and unknown flag.
+    c.request(0, 42, 4, 0, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 4));
+    c.request(1 << 12, CMD_READ, 5, 0, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 5));
+    // DF without structured replies; block status without a context.
+    c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 6));
+    c.request(0, CMD_BLOCK_STATUS, 7, 0, 1, &[]);
+    assert_eq!(c.simple(), (EINVAL, 7));
+    // Zero length.
+    c.request(0, CMD_READ, 8, 0, 0, &[]);
+    assert_eq!(c.simple(), (EINVAL, 8));
+    // An oversized write is drained and refused, and framing survives.
+    let big = vec![0u8; MAX_PAYLOAD as usize + 4096];
+    c.request(0, CMD_WRITE, 9, 0, big.len() as u32, &big);
+    assert_eq!(c.simple(), (EINVAL, 9));
+    c.request(0, CMD_READ, 10, 0, 16, &[]);
+    assert_eq!(c.simple(), (0, 10));
+    assert_eq!(c.read_n(16), vec![0u8; 16]);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
+
+#[test]
+fn a_write_too_large_to_skip_hangs_up() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    c.request(0, CMD_WRITE, 1, 0, u32::MAX, &[]);
+    c.assert_closed();
+    hung(srv.join().0, "too large to skip");
+}
+
+#[test]
+fn bad_request_magic_and_truncated_requests_hang_up() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    c.s.write_all(&[0x25, 0x60, 0x95, 0x14]).unwrap();
+    c.s.write_all(&[0u8; 24]).unwrap();
+    c.assert_closed();
+    hung(srv.join().0, "bad request magic");
+
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    c.s.write_all(&REQUEST_MAGIC.to_be_bytes()).unwrap();
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    hung(srv.join().0, "mid-message");
+
+    // A write whose payload never fully arrives.
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    c.request(0, CMD_WRITE, 1, 0, 4096, &[1u8; 100]);
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    hung(srv.join().0, "mid-message");
+
+    // Between requests, a close is clean.
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    c.go(b"");
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(srv.join().0, Ended::Served(End::Closed)));
+}
+
+#[test]
+fn structured_reads_send_holes_as_holes() {
+    let (srv, mut c) = Server::start(None);
+    c.negotiate_structured(true);
+    c.request(0, CMD_WRITE, 1, 65536, 4096, &[0xaa; 4096]);
+    assert_eq!(c.status(), 0);
+    // [0, 64K) hole, [64K, 68K) data, [68K, 128K) hole.
+    c.request(0, CMD_READ, 2, 0, 131072, &[]);
+    let ch = c.chunks();
+    let mut covered = 0u64;
+    let mut data_bytes = 0;
+    for (i, x) in ch.iter().enumerate() {
+        assert_eq!(x.cookie, 2);
+        assert_eq!(x.flags & REPLY_FLAG_DONE != 0, i == ch.len() - 1);
+        let off = be64(&x.payload[0..8]);
+        match x.kind {
+            REPLY_TYPE_OFFSET_HOLE => {
+                assert_eq!(off, covered);
+                covered += u64::from(be32(&x.payload[8..12]));
+            }
+            REPLY_TYPE_OFFSET_DATA => {
+                assert_eq!(off, covered);
+                let d = &x.payload[8..];
+                if off <= 65536 && off + d.len() as u64 >= 69632 {
+                    let at = (65536 - off) as usize;
+                    assert!(d[at..at + 4096].iter().all(|&b| b == 0xaa));
+                }
+                covered += d.len() as u64;
+                data_bytes += d.len();
+            }
+            k => panic!("unexpected chunk type {k}"),
+        }
+    }
+    assert_eq!(covered, 131072);
+    assert!(data_bytes < 131072, "holes must not be sent as zero bytes");
+    // DF: exactly one data chunk with the zeroes in it.
+    c.request(CMD_FLAG_DF, CMD_READ, 3, 0, 131072, &[]);
+    let ch = c.chunks();
+    assert_eq!(ch.len(), 1);
+    assert_eq!(ch[0].kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(ch[0].payload.len(), 8 + 131072);
+    // An error to a read is a structured error chunk.
+    c.request(0, CMD_READ, 4, SIZE, 1, &[]);
+    let ch = c.chunks();
+    assert_eq!(ch[0].kind, REPLY_TYPE_ERROR);
+    assert_eq!(be32(&ch[0].payload), EINVAL);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    srv.join();
+}
+
+#[test]
+fn block_status_trim_and_zeroes() {
+    let (srv, mut c) = Server::start(None);
+    c.negotiate_structured(true);
+    let extents = |c: &mut Client, flags: u16| -> Vec<(u32, u32)> {
+        c.request(flags, CMD_BLOCK_STATUS, 9, 0, SIZE as u32, &[]);
+        let ch = c.chunks();
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].kind, REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(be32(&ch[0].payload), META_ID_BASE_ALLOCATION);
+        ch[0].payload[4..]
+            .chunks_exact(8)
+            .map(|d| (be32(&d[0..4]), be32(&d[4..8])))
+            .collect()
+    };
+    assert_eq!(
+        extents(&mut c, 0),
+        vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
+    );
+    c.request(0, CMD_WRITE, 1, 1 << 20, 65536, &[1u8; 65536]);
+    assert_eq!(c.status(), 0);
+    let e = extents(&mut c, 0);
+    assert_eq!(e.iter().map(|x| u64::from(x.0)).sum::<u64>(), SIZE);
+    assert!(e.iter().any(|x| x.1 == 0), "written range is data: {e:?}");
+    // REQ_ONE: exactly one descriptor, not past the request.
+    let one = extents(&mut c, CMD_FLAG_REQ_ONE);
+    assert_eq!(one, vec![(1 << 20, STATE_HOLE | STATE_ZERO)]);
+    // TRIM punches the data back into a hole.
+    c.request(0, CMD_TRIM, 2, 1 << 20, 65536, &[]);
+    assert_eq!(c.status(), 0);
+    assert_eq!(
+        extents(&mut c, 0),
+        vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
+    );
+    // WRITE_ZEROES (fast, and with NO_HOLE) reads back as zeroes.
+    c.request(0, CMD_WRITE, 3, 0, 4096, &[9u8; 4096]);
+    assert_eq!(c.status(), 0);
+    c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 4, 0, 4096, &[]);
+    assert_eq!(c.status(), 0);
+    c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 8192, 4096, &[]);
+    assert_eq!(c.status(), 0);
+    c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 16384, &[]);
+    let ch = c.chunks();
+    assert!(ch[0].payload[8..].iter().all(|&b| b == 0));
+    // WRITE_ZEROES past the end: ENOSPC.
+    c.request(0, CMD_WRITE_ZEROES, 7, SIZE, 1, &[]);
+    assert_eq!(c.status(), ENOSPC);
+    c.request(0, CMD_CACHE, 8, 0, 4096, &[]);
+    assert_eq!(c.status(), 0);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    srv.join();
+}
+
+#[test]
+fn extended_headers_round_trip() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    assert_eq!(c.haggle(OPT_EXTENDED_HEADERS, &[])[0].kind, REP_ACK);
+    c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+    c.go(b"");
+    let ext =
+        |c: &mut Client, flags: u16, cmd: u16, cookie: u64, off: u64, len: u64, payload: &[u8]| {
+            let mut m = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&flags.to_be_bytes());
+            m.extend_from_slice(&cmd.to_be_bytes());
+            m.extend_from_slice(&cookie.to_be_bytes());
+            m.extend_from_slice(&off.to_be_bytes());
+            m.extend_from_slice(&len.to_be_bytes());
+            m.extend_from_slice(payload);
+            c.s.write_all(&m).unwrap();
+        };
+    let reply = |c: &mut Client| {
+        let h = c.read_n(32);
+        assert_eq!(be32(&h[0..4]), EXTENDED_REPLY_MAGIC);
+        let len = be64(&h[24..32]) as usize;
+        (
+            be16(&h[4..6]),
+            be16(&h[6..8]),
+            be64(&h[8..16]),
+            be64(&h[16..24]),
+            c.read_n(len),
+        )
+    };
+    ext(
+        &mut c,
+        CMD_FLAG_PAYLOAD_LEN,
+        CMD_WRITE,
+        1,
+        4096,
+        4,
+        &[1, 2, 3, 4],
+    );
+    let (flags, kind, cookie, off, _) = reply(&mut c);
+    assert_eq!(
+        (flags, kind, cookie, off),
+        (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 4096)
+    );
+    // WRITE without PAYLOAD_LEN carries no payload and is refused.
+    ext(&mut c, 0, CMD_WRITE, 2, 0, 4, &[]);
+    let (_, kind, _, _, p) = reply(&mut c);
+    assert_eq!((kind, be32(&p)), (REPLY_TYPE_ERROR, EINVAL));
+    ext(&mut c, CMD_FLAG_DF, CMD_READ, 3, 4096, 4, &[]);
+    let (_, kind, _, _, p) = reply(&mut c);
+    assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);
+    assert_eq!(&p[8..], &[1, 2, 3, 4]);
+    ext(&mut c, 0, CMD_BLOCK_STATUS, 4, 0, SIZE, &[]);
+    let (_, kind, _, _, p) = reply(&mut c);
+    assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS_EXT);
+    assert_eq!(be32(&p[0..4]), META_ID_BASE_ALLOCATION);
+    let n = be32(&p[4..8]) as usize;
+    assert_eq!(p.len(), 8 + 16 * n);
+    let total: u64 = p[8..].chunks_exact(16).map(|d| be64(&d[0..8])).sum();
+    assert_eq!(total, SIZE);
+    ext(&mut c, 0, CMD_DISC, 5, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
