@@ -76,6 +76,12 @@ impl Image {
         self.size
     }
 
+    /// Bytes of real disk space the image occupies.
+    pub fn allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map_or(0, |m| m.blocks() * 512)
+    }
+
     /// Re-read the size after something else (the user's command) may have
     /// changed it.
     pub fn refresh_size(&mut self) -> io::Result<u64> {

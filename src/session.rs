@@ -59,6 +59,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config) -> u8 {
         size = n.size,
         fs_type = %disk.kind(),
         mkfs_ms = disk.mkfs_ms,
+        allocated = image.allocated(),
         structured = n.replies.structured(),
         "client served"
     );
