@@ -71,6 +71,20 @@ pub struct Args {
     )]
     pub handshake_timeout: u64,
 
+    /// TLS: off, on (offered through NBD_OPT_STARTTLS) or require (plaintext refused)
+    #[arg(long, value_name = "MODE", env = "TMPDISK_TLS", default_value = "off",
+          value_parser = ["off", "on", "require"])]
+    pub tls: String,
+
+    /// Directory with server-cert.pem, server-key.pem and (for --tls-verify-peer)
+    /// ca-cert.pem [default: $CREDENTIALS_DIRECTORY under systemd]
+    #[arg(long, value_name = "DIR", env = "TMPDISK_TLS_CERTIFICATES")]
+    pub tls_certificates: Option<PathBuf>,
+
+    /// Require clients to present a certificate signed by ca-cert.pem
+    #[arg(long, env = "TMPDISK_TLS_VERIFY_PEER")]
+    pub tls_verify_peer: bool,
+
     /// Log level: error, warn, info, debug or trace
     #[arg(long, value_name = "LEVEL", env = "TMPDISK_LOG_LEVEL", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace"])]
@@ -111,9 +125,19 @@ pub struct FsSpec {
     pub command: Option<OsString>,
 }
 
+/// TLS settings; the key material itself is loaded by [`crate::tls::load`].
+#[derive(Debug, Clone)]
+pub struct TlsSpec {
+    /// Plaintext clients are refused.
+    pub require: bool,
+    pub certificates: PathBuf,
+    pub verify_peer: bool,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub tls: Option<TlsSpec>,
     pub size: u64,
     pub fs: FsSpec,
     pub tmpdir: PathBuf,
@@ -153,7 +177,24 @@ impl Config {
             Mode::Systemd
         };
         let log_level = a.log_level.parse().map_err(|_| "bad --log-level")?;
+        let tls = match a.tls.as_str() {
+            "off" => {
+                if a.tls_verify_peer {
+                    return Err("--tls-verify-peer needs --tls on or --tls require".into());
+                }
+                None
+            }
+            mode => Some(TlsSpec {
+                require: mode == "require",
+                certificates: a
+                    .tls_certificates
+                    .or_else(crate::tls::default_dir)
+                    .ok_or("--tls needs --tls-certificates DIR (or systemd credentials)")?,
+                verify_peer: a.tls_verify_peer,
+            }),
+        };
         Ok(Config {
+            tls,
             size,
             fs: FsSpec {
                 fs_type: a.fs_type,

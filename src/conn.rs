@@ -78,6 +78,21 @@ impl Conn {
     }
 }
 
+/// A client stream the session can run over: the plain connection, or TLS
+/// on top of it.
+pub trait Transport: Read + Write {
+    /// The connection underneath (for its wait budget).
+    fn conn(&mut self) -> &mut Conn;
+    /// Say goodbye properly before the process exits (TLS close_notify).
+    fn finish(&mut self) {}
+}
+
+impl Transport for Conn {
+    fn conn(&mut self) -> &mut Conn {
+        self
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.wait(false)?;

@@ -17,3 +17,4 @@ pub mod nbd;
 pub mod session;
 pub mod status;
 pub mod sys;
+pub mod tls;

@@ -9,7 +9,7 @@ use tracing::error;
 
 use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
-use tmpdisk::{listener, logging, session};
+use tmpdisk::{listener, logging, session, tls};
 
 /// Clients served at once by a standalone listener.
 const MAX_CONNECTIONS: usize = 64;
@@ -34,12 +34,24 @@ fn main() -> ExitCode {
         // built; say it here too.
         error!("{e}");
     }
+    // Key material is read once, before any client: a bad file fails here,
+    // naming the file.
+    let tls = match &cfg.tls {
+        Some(spec) => match tls::load(&spec.certificates, spec.verify_peer) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("tmpdisk: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     match activation::activate(&cfg.mode) {
         Ok(Activation::Connection { conn, peer }) => {
-            ExitCode::from(session::serve(conn, peer, &cfg))
+            ExitCode::from(session::serve(conn, peer, &cfg, tls.as_ref()))
         }
         Ok(Activation::Listen(l)) => {
-            let serve = |conn, peer| session::serve(conn, peer, &cfg);
+            let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
             match listener::run(l, MAX_CONNECTIONS, &serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -8,50 +8,123 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::{Config, human_size};
-use crate::conn::Conn;
+use std::sync::Arc;
+
+use rustls::server::ServerConfig;
+
+use crate::conn::{Conn, Transport};
 use crate::image::Image;
 use crate::mkfs;
 use crate::nbd::error::Hangup;
-use crate::nbd::negotiate::{self, Exports, OpenError, Outcome, Tls};
+use crate::nbd::negotiate::{self, Exports, Negotiated, OpenError, Outcome, Tls};
 use crate::nbd::stream::Stream;
 use crate::nbd::transmit::{self, End, Stats};
 use crate::nbd::wire::REP_ERR_UNKNOWN;
 use crate::status;
+use crate::tls::{self, TlsStream};
 
 /// Exit codes (see `tmpdisk --help`).
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
 
-/// Serve one client over `conn`; returns the process exit code.
-pub fn serve(mut conn: Conn, peer: String, cfg: &Config) -> u8 {
+/// Serve one client over `conn`; returns the process exit code. `tls` is
+/// the loaded TLS configuration when TLS is on.
+pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<ServerConfig>>) -> u8 {
     let started = Instant::now();
     conn.set_wait_budget(cfg.handshake_timeout);
     let mut disk = Disk::new(cfg);
     let mut s = Stream::new(conn);
     debug!(%peer, "client connected");
-
-    let negotiated = negotiate::handshake(&mut s)
-        .and_then(|no_zeroes| negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Unavailable));
-    let n = match negotiated {
-        Ok(Outcome::Go(n)) => n,
-        Ok(Outcome::Abort) => {
-            info!(%peer, "client left during negotiation");
-            return finish(&disk, None);
-        }
-        Ok(Outcome::StartTls) => {
-            // Unreachable: STARTTLS is refused while TLS is unavailable.
-            error!(%peer, "STARTTLS accepted without TLS");
-            return finish(&disk, None);
-        }
-        Err(h) => return finish(&disk, Some((&peer, &h))),
+    let policy = match (&cfg.tls, tls) {
+        (Some(spec), Some(_)) if spec.require => Tls::Required,
+        (Some(_), Some(_)) => Tls::Offered,
+        _ => Tls::Unavailable,
     };
+    let first = negotiate::handshake(&mut s).and_then(|no_zeroes| {
+        negotiate::negotiate(&mut s, &mut disk, no_zeroes, policy).map(|o| (no_zeroes, o))
+    });
+    let ended = match first {
+        Ok((_, Outcome::Go(n))) => transmission(s, &n, &disk, &peer, None, started),
+        Ok((no_zeroes, Outcome::StartTls)) => match (starttls(s, tls), tls) {
+            (Ok((mut s, subject)), _) => {
+                // Everything negotiated before STARTTLS is forgotten: this
+                // is a new round with fresh state (CVE-2021-3716).
+                match negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Active) {
+                    Ok(Outcome::Go(n)) => {
+                        // Some("") for TLS without a client certificate.
+                        let subject = Some(subject.unwrap_or_default());
+                        transmission(s, &n, &disk, &peer, subject, started)
+                    }
+                    Ok(_) => {
+                        s.into_parts().map(|(mut t, _)| t.finish()).ok();
+                        Ok(Left::Negotiating)
+                    }
+                    Err(h) => Err(h),
+                }
+            }
+            (Err(h), _) => Err(h),
+        },
+        Ok((_, Outcome::Abort)) => Ok(Left::Negotiating),
+        Err(h) => Err(h),
+    };
+    match ended {
+        Ok(Left::Negotiating) => {
+            info!(%peer, "client left during negotiation");
+            finish(&disk, None)
+        }
+        Ok(Left::Served) => finish(&disk, None),
+        Err(h) => finish(&disk, Some((&peer, &h))),
+    }
+}
+
+/// How a session that did not break ended.
+enum Left {
+    Negotiating,
+    Served,
+}
+
+/// Upgrade to TLS after the client's STARTTLS was acknowledged.
+fn starttls(
+    s: Stream<Conn>,
+    tls: Option<&Arc<ServerConfig>>,
+) -> Result<(Stream<TlsStream>, Option<String>), Hangup> {
+    let config = tls.ok_or_else(|| Hangup::Server("STARTTLS accepted without TLS".into()))?;
+    let (conn, pipelined) = s.into_parts().map_err(|e| Hangup::from_io(e, false))?;
+    if !pipelined.is_empty() {
+        // Plaintext sent after STARTTLS could be injected by anyone on the
+        // path; it must not be read as if it came through TLS.
+        return Err(Hangup::Protocol(
+            "data sent after NBD_OPT_STARTTLS before the TLS handshake".into(),
+        ));
+    }
+    let t = tls::accept(conn, config.clone()).map_err(|e| match e.kind() {
+        std::io::ErrorKind::TimedOut => Hangup::Timeout,
+        _ => Hangup::Protocol(format!("TLS handshake failed: {e}")),
+    })?;
+    let subject = tls::peer_subject(&t);
+    debug!(
+        subject = subject.as_deref().unwrap_or("-"),
+        "TLS established"
+    );
+    Ok((Stream::new(t), subject))
+}
+
+/// The transmission phase, over whichever transport negotiation ended on.
+fn transmission<T: Transport>(
+    mut s: Stream<T>,
+    n: &Negotiated,
+    disk: &Disk,
+    peer: &str,
+    // None for plaintext; the client certificate's subject (or "") for TLS.
+    tls_subject: Option<String>,
+    started: Instant,
+) -> Result<Left, Hangup> {
     let Some(image) = disk.image() else {
         // negotiate only returns Go after `open` succeeded.
-        error!(%peer, "export chosen but no disk was built");
-        return EXIT_FAILURE;
+        return Err(Hangup::Server("export chosen but no disk was built".into()));
     };
-    if let Ok(c) = s.channel() {
-        c.set_wait_budget(None);
+    if let Ok(t) = s.channel() {
+        t.conn().set_wait_budget(None);
     }
     info!(
         %peer,
@@ -61,12 +134,14 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config) -> u8 {
         mkfs_ms = disk.mkfs_ms,
         allocated = image.allocated(),
         structured = n.replies.structured(),
+        tls = tls_subject.is_some(),
+        tls_subject = tls_subject.as_deref().unwrap_or(""),
         "client served"
     );
     status::status(&format!("serving {peer}: {}", disk.description()));
 
     let mut stats = Stats::default();
-    let end = transmit::serve(&mut s, image, &n, &mut stats);
+    let end = transmit::serve(&mut s, image, n, &mut stats);
     let seconds = started.elapsed().as_secs_f64();
     let how = match &end {
         Ok(End::Disconnect) => "disconnect".to_string(),
@@ -82,10 +157,10 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config) -> u8 {
         end = %how,
         "client left"
     );
-    match end {
-        Ok(_) => finish(&disk, None),
-        Err(h) => finish(&disk, Some((&peer, &h))),
+    if let Ok((mut t, _)) = s.into_parts() {
+        t.finish();
     }
+    end.map(|_| Left::Served)
 }
 
 /// Log how the session ended and pick the exit code: 1 when the server

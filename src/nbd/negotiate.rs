@@ -269,7 +269,9 @@ pub fn negotiate<C: Read + Write, E: Exports>(
                     }
                     Tls::Active => o.error(REP_ERR_INVALID, "TLS is already active")?,
                     Tls::Offered | Tls::Required => {
+                        // The ACK must be on the wire before the handshake.
                         o.ack()?;
+                        o.s.flush().map_err(|e| Hangup::from_io(e, false))?;
                         return Ok(Outcome::StartTls);
                     }
                 }

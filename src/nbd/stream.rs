@@ -77,6 +77,14 @@ impl<C: Read + Write> Stream<C> {
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A TLS peer that closes without close_notify: an end of
+                // stream like any other (the caller decides whether it fell
+                // between messages).
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.rpos = 0;
+                    self.rend = 0;
+                    return Ok(0);
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -57,6 +57,10 @@ struct Server {
 
 impl Server {
     fn start(fail: Option<&str>) -> (Server, Client) {
+        Self::start_with(fail, Tls::Unavailable)
+    }
+
+    fn start_with(fail: Option<&str>, tls: Tls) -> (Server, Client) {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let fail = fail.map(String::from);
@@ -67,8 +71,7 @@ impl Server {
                 fail,
             };
             let mut s = Stream::new(a);
-            let r =
-                handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, Tls::Unavailable));
+            let r = handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, tls));
             let ended = match r {
                 Ok(Outcome::Go(n)) => {
                     let img = ex.image.as_ref().unwrap();
@@ -799,4 +802,45 @@ fn extended_headers_round_trip() {
     assert_eq!(total, SIZE);
     ext(&mut c, 0, CMD_DISC, 5, 0, 0, &[]);
     assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
+
+// --- TLS policy in negotiation ------------------------------------------------------
+
+#[test]
+fn tls_required_refuses_everything_but_starttls() {
+    let (srv, mut c) = Server::start_with(None, Tls::Required);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    for opt in [OPT_LIST, OPT_STRUCTURED_REPLY, OPT_INFO, OPT_GO, 99] {
+        let r = c.haggle(opt, &info_data(b"", &[]));
+        assert_eq!(r[0].kind, REP_ERR_TLS_REQD, "option {opt}");
+    }
+    assert_eq!(c.haggle(OPT_STARTTLS, &[])[0].kind, REP_ACK);
+    let (ended, builds) = srv.join();
+    hung(ended, "starttls");
+    assert_eq!(builds, 0, "nothing is built before TLS");
+
+    // EXPORT_NAME before TLS cannot be refused politely: hang up.
+    let (srv, mut c) = Server::start_with(None, Tls::Required);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    c.opt(OPT_EXPORT_NAME, b"");
+    c.assert_closed();
+    hung(srv.join().0, "before TLS");
+}
+
+#[test]
+fn starttls_when_offered_and_again_when_active() {
+    let (srv, mut c) = Server::start_with(None, Tls::Offered);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(c.haggle(OPT_STARTTLS, b"x")[0].kind, REP_ERR_INVALID);
+    assert_eq!(c.haggle(OPT_STARTTLS, &[])[0].kind, REP_ACK);
+    hung(srv.join().0, "starttls");
+
+    // Once TLS is active (the round after the handshake), a second
+    // STARTTLS is invalid.
+    let (srv, mut c) = Server::start_with(None, Tls::Active);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(c.haggle(OPT_STARTTLS, &[])[0].kind, REP_ERR_INVALID);
+    c.opt(OPT_ABORT, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    assert!(matches!(srv.join().0, Ended::Aborted));
 }

@@ -1,0 +1,198 @@
+//! TLS for NBD_OPT_STARTTLS, with rustls: loading the key material (once,
+//! at start, from the nbdkit/qemu directory layout), the handshake over the
+//! client's connection, and the peer certificate's subject for the log.
+//!
+//! Key material is never logged; errors name the file, not its contents.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ServerConfig, ServerConnection, WebPkiClientVerifier};
+
+use crate::conn::Conn;
+
+/// The client's stream once TLS is up.
+pub type TlsStream = rustls::StreamOwned<ServerConnection, Conn>;
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const SERVER_CERT: &str = "server-cert.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+
+/// Build the server's TLS configuration from `dir`: server-cert.pem (the
+/// chain), server-key.pem, and with `verify_peer` ca-cert.pem, which every
+/// client certificate must chain to.
+pub fn load(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = if verify_peer {
+        let ca = dir.join(CA_CERT);
+        let mut roots = RootCertStore::empty();
+        for cert in certs(&ca)? {
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let cert_path = dir.join(SERVER_CERT);
+    let key_path = dir.join(SERVER_KEY);
+    let chain = certs(&cert_path)?;
+    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
+        .map_err(|e| format!("{}: no private key found ({e})", key_path.display()))?;
+    let config = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "{} and {} do not go together: {e}",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    Ok(Arc::new(config))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(path)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
+    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Where the key material is when no directory is given: systemd's
+/// credentials directory (`LoadCredential=`), if there is one.
+pub fn default_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from)
+}
+
+/// Run the server side of the handshake over `conn`. The connection's wait
+/// budget (the handshake timeout) still applies.
+pub fn accept(mut conn: Conn, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+    let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
+    while tls.is_handshaking() {
+        let (read, _) = tls.complete_io(&mut conn)?;
+        if read == 0 && tls.is_handshaking() && !tls.wants_write() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(rustls::StreamOwned::new(tls, conn))
+}
+
+impl crate::conn::Transport for TlsStream {
+    fn conn(&mut self) -> &mut Conn {
+        &mut self.sock
+    }
+
+    fn finish(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.conn.complete_io(&mut self.sock);
+    }
+}
+
+/// The subject of the client's certificate ("CN=alice,O=Example"), if it
+/// sent one.
+pub fn peer_subject(tls: &TlsStream) -> Option<String> {
+    let cert = tls.conn.peer_certificates()?.first()?;
+    subject(cert.as_ref())
+}
+
+/// Pull the subject distinguished name out of a DER certificate. Only the
+/// few DER shapes a certificate uses are parsed; anything unexpected gives
+/// `None`.
+pub fn subject(der: &[u8]) -> Option<String> {
+    let (cert, _) = der_item(der, 0x30)?;
+    let (tbs, _) = der_item(cert, 0x30)?;
+    let mut rest = tbs;
+    // Optional explicit [0] version.
+    if rest.first() == Some(&0xa0) {
+        rest = der_item(rest, 0xa0)?.1;
+    }
+    // serialNumber, signature, issuer, validity, then subject.
+    for tag in [0x02, 0x30, 0x30, 0x30] {
+        rest = der_item(rest, tag)?.1;
+    }
+    let (mut name, _) = der_item(rest, 0x30)?;
+    let mut parts = Vec::new();
+    while !name.is_empty() {
+        let (set, after) = der_item(name, 0x31)?;
+        name = after;
+        let (atv, _) = der_item(set, 0x30)?;
+        let (oid, value) = der_item(atv, 0x06)?;
+        let (text, _) = der_any(value)?;
+        let key = match oid {
+            [0x55, 0x04, 0x03] => "CN",
+            [0x55, 0x04, 0x06] => "C",
+            [0x55, 0x04, 0x07] => "L",
+            [0x55, 0x04, 0x08] => "ST",
+            [0x55, 0x04, 0x0a] => "O",
+            [0x55, 0x04, 0x0b] => "OU",
+            _ => continue,
+        };
+        parts.push(format!("{key}={}", String::from_utf8_lossy(text)));
+    }
+    Some(parts.join(","))
+}
+
+/// One DER item with the expected tag: (contents, what follows).
+fn der_item(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    if *b.first()? != tag {
+        return None;
+    }
+    der_any(b)
+}
+
+fn der_any(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let first = *b.get(1)?;
+    let (len, hdr) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = hdr.checked_add(len)?;
+    Some((b.get(hdr..end)?, &b[end..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn der_garbage_gives_no_subject() {
+        assert_eq!(subject(&[]), None);
+        assert_eq!(subject(&[0x30, 0x82, 0xff]), None);
+        assert_eq!(subject(&[0x30, 0x85, 1, 2, 3, 4, 5]), None);
+        assert_eq!(subject(&[0x30, 0x03, 0x30, 0x01]), None);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let e = load(Path::new("/nonexistent-tls-dir"), false).unwrap_err();
+        assert!(e.contains("/nonexistent-tls-dir/server-cert.pem"), "{e}");
+        let e = load(Path::new("/nonexistent-tls-dir"), true).unwrap_err();
+        assert!(e.contains("/nonexistent-tls-dir/ca-cert.pem"), "{e}");
+    }
+}
