@@ -71,6 +71,27 @@ pub struct Args {
     )]
     pub handshake_timeout: u64,
 
+    /// Refuse new clients while the tmpdir has less free space than this: a
+    /// size (64M, 2G) or a percentage of the filesystem (5%)
+    #[arg(long, value_name = "SIZE|PCT", env = "TMPDISK_MIN_FREE", default_value = "5%",
+          value_parser = parse_min_free)]
+    pub min_free: MinFree,
+
+    /// Give mkfs (or --command) at most SECS seconds, then kill it and fail
+    /// the client (0 = wait forever)
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "TMPDISK_SETUP_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub setup_timeout: u64,
+
+    /// Standalone listeners: clients served at once; more wait in the backlog
+    #[arg(long, value_name = "N", env = "TMPDISK_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// TLS: off, on (offered through NBD_OPT_STARTTLS) or require (plaintext refused)
     #[arg(long, value_name = "MODE", env = "TMPDISK_TLS", default_value = "off",
           value_parser = ["off", "on", "require"])]
@@ -116,6 +137,48 @@ pub enum Mode {
     Unix(PathBuf),
 }
 
+/// Free space the tmpdir must keep for a new client to be admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFree {
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl MinFree {
+    /// The threshold in bytes for a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => (u128::from(total) * u128::from(p) / 100) as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for MinFree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MinFree::Bytes(b) => f.write_str(&human_size(*b)),
+            MinFree::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+fn parse_min_free(s: &str) -> Result<MinFree, String> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.trim().parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(MinFree::Percent(p)),
+            _ => Err(format!(
+                "invalid --min-free {s:?}: a percentage is 0% to 100%"
+            )),
+        };
+    }
+    if t == "0" {
+        return Ok(MinFree::Bytes(0));
+    }
+    parse_size(t).map(MinFree::Bytes)
+}
+
 /// How the disk is initialised.
 #[derive(Debug, Clone)]
 pub struct FsSpec {
@@ -142,6 +205,9 @@ pub struct Config {
     pub fs: FsSpec,
     pub tmpdir: PathBuf,
     pub handshake_timeout: Option<Duration>,
+    pub setup_timeout: Option<Duration>,
+    pub min_free: MinFree,
+    pub max_connections: usize,
     pub mode: Mode,
     pub log_level: tracing::Level,
 }
@@ -209,6 +275,9 @@ impl Config {
             tmpdir,
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
+            setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
+            min_free: a.min_free,
+            max_connections: a.max_connections as usize,
             mode,
             log_level,
         })
@@ -360,6 +429,17 @@ mod tests {
         assert!(parse_size("-1").is_err());
         assert!(parse_size("1.5G").is_err());
         assert_eq!(parse_size("9223372036854775807"), Ok(i64::MAX as u64));
+    }
+
+    #[test]
+    fn min_free_is_a_size_or_a_percentage() {
+        assert_eq!(parse_min_free("5%"), Ok(MinFree::Percent(5)));
+        assert_eq!(parse_min_free("0"), Ok(MinFree::Bytes(0)));
+        assert_eq!(parse_min_free("2G"), Ok(MinFree::Bytes(2 << 30)));
+        assert!(parse_min_free("101%").is_err());
+        assert!(parse_min_free("x%").is_err());
+        assert_eq!(MinFree::Percent(10).bytes(1000), 100);
+        assert_eq!(MinFree::Percent(100).bytes(u64::MAX), u64::MAX);
     }
 
     #[test]

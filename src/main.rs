@@ -11,11 +11,23 @@ use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
 use tmpdisk::{listener, logging, session, tls};
 
-/// Clients served at once by a standalone listener.
-const MAX_CONNECTIONS: usize = 64;
-
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if e.use_stderr() => {
+            // One line, as for every other start-up error; clap's own
+            // rendering adds a usage hint on further lines.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("tmpdisk: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     let cfg = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -52,7 +64,7 @@ fn main() -> ExitCode {
         }
         Ok(Activation::Listen(l)) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
-            match listener::run(l, MAX_CONNECTIONS, &serve) {
+            match listener::run(l, cfg.max_connections, &serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");

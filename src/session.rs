@@ -3,7 +3,7 @@
 //! requests until the client leaves, log what happened, and return the
 //! exit code. The disk goes with the process.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
@@ -224,13 +224,12 @@ impl<'a> Disk<'a> {
 
     fn build(&mut self) -> Result<Image, String> {
         let cfg = self.cfg;
+        check_free_space(cfg)?;
         let (mut image, how) = Image::create(&cfg.tmpdir, cfg.size)
             .map_err(|e| format!("cannot create the disk in {}: {e}", cfg.tmpdir.display()))?;
         status::status(&format!("building {}", self.description()));
         let t = Instant::now();
-        // The setup timeout of the robustness issue will bound this.
-        let timeout: Option<Duration> = None;
-        mkfs::run(&image, &cfg.fs, timeout).map_err(|e| e.0)?;
+        mkfs::run(&image, &cfg.fs, cfg.setup_timeout).map_err(|e| e.0)?;
         self.mkfs_ms = t.elapsed().as_millis() as u64;
         if cfg.fs.command.is_some() {
             // The command may have resized the file: serve what it made.
@@ -241,6 +240,33 @@ impl<'a> Disk<'a> {
         debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, "disk built");
         Ok(image)
     }
+}
+
+/// Admission control: refuse a new client while the tmpdir is short of
+/// space (`--min-free`), before anything is created there.
+fn check_free_space(cfg: &Config) -> Result<(), String> {
+    let st = nix::sys::statvfs::statvfs(&cfg.tmpdir)
+        .map_err(|e| format!("cannot check free space in {}: {e}", cfg.tmpdir.display()))?;
+    let frsize = st.fragment_size() as u64;
+    let free = (st.blocks_available() as u64).saturating_mul(frsize);
+    let total = (st.blocks() as u64).saturating_mul(frsize);
+    let need = cfg.min_free.bytes(total);
+    if free < need {
+        warn!(
+            tmpdir = %cfg.tmpdir.display(),
+            free,
+            min_free = need,
+            "refusing a client: not enough free space"
+        );
+        return Err(format!(
+            "not enough free space for a new disk: {} free in {}, --min-free is {} ({}); try again later",
+            human_size(free),
+            cfg.tmpdir.display(),
+            cfg.min_free,
+            human_size(need)
+        ));
+    }
+    Ok(())
 }
 
 impl Exports for Disk<'_> {

@@ -112,8 +112,9 @@ pub fn fork() -> io::Result<Forked> {
 }
 
 /// Prepare `cmd` (mkfs or the user's command) so that in the child:
-/// - the image is fd `target` (inherited across exec; every other fd of ours
-///   is close-on-exec, so fds 0-2 and this one are all it gets);
+/// - the image is fd `target` and every fd above it is closed: ours are
+///   close-on-exec anyway, but whatever our own parent leaked to us must not
+///   reach mkfs either, so fds 0-2 and the image are all it gets;
 /// - it is killed if we die (PR_SET_PDEATHSIG), so no mkfs outlives a
 ///   killed server;
 /// - fsync and friends are filtered to succeed without doing anything when
@@ -139,6 +140,7 @@ pub fn prepare_child(
             } else if libc::dup2(src, target) < 0 {
                 return Err(io::Error::last_os_error());
             }
+            close_from(target + 1);
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -163,5 +165,40 @@ pub fn prepare_child(
             }
             Ok(())
         });
+    }
+}
+
+/// Close every fd from `first` up. Only async-signal-safe calls: it runs
+/// between fork and exec.
+///
+/// # Safety
+/// Must only run in a freshly forked child about to exec, where no Rust
+/// object owns the fds being closed.
+unsafe fn close_from(first: RawFd) {
+    // SAFETY: close_range takes integers only; closing fds is what the
+    // caller wants, and no Rust object in this child will use them again.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        ) == 0
+        {
+            return;
+        }
+        // Kernels before 5.9: close them one by one, up to the fd limit.
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur.min(65536) as RawFd
+        } else {
+            4096
+        };
+        for fd in first..max {
+            libc::close(fd);
+        }
     }
 }

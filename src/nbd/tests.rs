@@ -784,10 +784,14 @@ fn extended_headers_round_trip() {
         (flags, kind, cookie, off),
         (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 4096)
     );
-    // WRITE without PAYLOAD_LEN carries no payload and is refused.
-    ext(&mut c, 0, CMD_WRITE, 2, 0, 4, &[]);
-    let (_, kind, _, _, p) = reply(&mut c);
-    assert_eq!((kind, be32(&p)), (REPLY_TYPE_ERROR, EINVAL));
+    // WRITE without PAYLOAD_LEN (as qemu sends it) still carries its data.
+    ext(&mut c, 0, CMD_WRITE, 2, 8192, 4, &[5, 6, 7, 8]);
+    let (_, kind, _, _, _) = reply(&mut c);
+    assert_eq!(kind, REPLY_TYPE_NONE);
+    // Another command with a payload: consumed, refused, framing kept.
+    ext(&mut c, CMD_FLAG_PAYLOAD_LEN, CMD_TRIM, 6, 0, 3, &[1, 2, 3]);
+    let (_, kind, cookie, _, p) = reply(&mut c);
+    assert_eq!((kind, cookie, be32(&p)), (REPLY_TYPE_ERROR, 6, EINVAL));
     ext(&mut c, CMD_FLAG_DF, CMD_READ, 3, 4096, 4, &[]);
     let (_, kind, _, _, p) = reply(&mut c);
     assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);

@@ -31,11 +31,15 @@ pub struct Limits {
 /// How many payload bytes follow this request header on the wire. They
 /// must be consumed whether or not the request is valid, or the stream
 /// loses its framing.
+///
+/// A WRITE's length is its payload in both header styles (with extended
+/// headers qemu sends WRITE without NBD_CMD_FLAG_PAYLOAD_LEN, and qemu's own
+/// server reads the payload regardless); with extended headers any other
+/// command that sets PAYLOAD_LEN carries `length` bytes too.
 pub fn payload_len(req: &Request, replies: Replies) -> u64 {
     match replies {
-        Replies::Extended if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 => req.length,
-        Replies::Extended => 0,
         _ if req.command == CMD_WRITE => req.length,
+        Replies::Extended if req.flags & CMD_FLAG_PAYLOAD_LEN != 0 => req.length,
         _ => 0,
     }
 }
@@ -79,12 +83,6 @@ pub fn validate(req: &Request, lim: &Limits) -> Result<Command, ReplyError> {
             f & !allowed,
             command_name(req.command)
         )));
-    }
-    if req.command == CMD_WRITE && lim.replies == Replies::Extended && f & CMD_FLAG_PAYLOAD_LEN == 0
-    {
-        return Err(ReplyError::invalid(
-            "NBD_CMD_WRITE with extended headers must set NBD_CMD_FLAG_PAYLOAD_LEN",
-        ));
     }
 
     let cmd = match req.command {
@@ -255,16 +253,21 @@ mod tests {
     }
 
     #[test]
-    fn extended_writes_need_payload_len() {
+    fn extended_writes_carry_their_payload_with_or_without_payload_len() {
         let ext = Limits {
             replies: Replies::Extended,
             ..LIM
         };
-        assert_eq!(errno(validate(&req(CMD_WRITE, 0, 0, 1), &ext)), EINVAL);
+        // qemu 10 sends WRITE without PAYLOAD_LEN under extended headers.
+        assert!(validate(&req(CMD_WRITE, 0, 0, 1), &ext).is_ok());
         assert!(validate(&req(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 1), &ext).is_ok());
         let r = req(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 7);
         assert_eq!(payload_len(&r, Replies::Extended), 7);
-        assert_eq!(payload_len(&req(CMD_WRITE, 0, 0, 7), Replies::Extended), 0);
+        assert_eq!(payload_len(&req(CMD_WRITE, 0, 0, 7), Replies::Extended), 7);
         assert_eq!(payload_len(&req(CMD_WRITE, 0, 0, 7), Replies::Simple), 7);
+        // Any other command with PAYLOAD_LEN: the payload must be consumed.
+        let bs = req(CMD_BLOCK_STATUS, CMD_FLAG_PAYLOAD_LEN, 0, 12);
+        assert_eq!(payload_len(&bs, Replies::Extended), 12);
+        assert_eq!(errno(validate(&bs, &ext)), EINVAL);
     }
 }

@@ -1,0 +1,135 @@
+//! Data path through real clients: qemu-io patterns, write-zeroes / trim /
+//! flush / FUA through libnbd, and independence of concurrent clients.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn qemu_io_writes_and_reads_back_patterns() {
+    require(&["qemu-io", "mkfs.ext4"]);
+    let dir = TestDir::new("qemu-io");
+    let server = Server::unix(&dir, &["64M"]);
+    let out = run(
+        "qemu-io",
+        cmd(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0xab 1M 64k",
+                "-c",
+                "read -P 0xab 1M 64k",
+                // Untouched and unused by a fresh 64 MiB ext4: zeroes.
+                "-c",
+                "read -P 0 2M 64k",
+                // A 32 MiB request: the advertised maximum payload.
+                "-c",
+                "write -P 0xcd 16M 32M",
+                "-c",
+                "read -P 0xcd 16M 32M",
+                "-c",
+                "read -P 0xab 1M 64k",
+                server.uri(),
+            ],
+        ),
+    );
+    assert!(
+        !out.stdout.contains("Pattern verification failed"),
+        "qemu-io read back something else than was written (or non-zero in an untouched region)\n{}",
+        out.describe()
+    );
+    assert!(out.status.success(), "qemu-io failed\n{}", out.describe());
+    for line in [
+        "wrote 65536/65536 bytes at offset 1048576",
+        "read 65536/65536 bytes at offset 1048576",
+        "read 65536/65536 bytes at offset 2097152",
+        "wrote 33554432/33554432 bytes at offset 16777216",
+        "read 33554432/33554432 bytes at offset 16777216",
+    ] {
+        assert!(
+            out.stdout.contains(line),
+            "qemu-io did not report {line:?}\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn zero_fast_zero_trim_flush_and_fua() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("ops");
+    let server = Server::unix(&dir, &["64M"]);
+    let script = r#"
+h = connect(sys.argv[1])
+check(h.can_flush() and h.can_fua() and h.can_trim() and h.can_zero() and h.can_fast_zero(),
+      "flush, fua, trim, zero and fast zero must all be advertised")
+check(not h.can_multi_conn(), "multi-conn must not be advertised")
+W, L = 4 << 20, 1 << 20
+h.pwrite(b"\x11" * L, W, nbd.CMD_FLAG_FUA)
+h.flush()
+check(h.pread(L, W) == b"\x11" * L, "read back after a FUA write and a flush")
+h.zero(L, W)
+check(h.pread(L, W) == bytes(L), "WRITE_ZEROES must zero the range")
+h.pwrite(b"\x22" * L, W)
+h.zero(L, W, nbd.CMD_FLAG_FAST_ZERO)
+check(h.pread(L, W) == bytes(L), "WRITE_ZEROES with FAST_ZERO must zero the range")
+h.pwrite(b"\x33" * L, W)
+h.zero(L, W, nbd.CMD_FLAG_NO_HOLE)
+check(h.pread(L, W) == bytes(L), "WRITE_ZEROES with NO_HOLE must zero the range")
+h.pwrite(b"\x44" * L, W)
+h.zero(4096, W + 4096)
+d = h.pread(L, W)
+check(d[:4096] == b"\x44" * 4096 and d[4096:8192] == bytes(4096) and d[8192:] == b"\x44" * (L - 8192),
+      "a 4 KiB WRITE_ZEROES inside written data must zero exactly that range")
+h.pwrite(b"\x55" * 1000, W + 100)
+h.trim(L, W)
+check(h.pread(L, W) == bytes(L), "a trimmed range must read as zeroes")
+# Unaligned I/O crossing a 4 KiB boundary.
+h.pwrite(b"\x66" * 5000, W + 4000)
+check(h.pread(5002, W + 3999) == b"\x00" + b"\x66" * 5000 + b"\x00", "unaligned write/read")
+h.shutdown()
+"#;
+    run_ok("python ops", python(script, &[server.uri()]));
+}
+
+#[test]
+fn concurrent_clients_get_independent_fresh_disks() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("independent");
+    let server = Server::unix(&dir, &["64M"]);
+    let setup = r#"
+uri = sys.argv[1]
+P, L, SB = 2 << 20, 65536, 1024 + 56   # SB: the ext4 superblock magic
+h1 = connect(uri)
+h2 = connect(uri)
+h1.pwrite(b"\xab" * L, P)
+check(h2.pread(L, P) == bytes(L), "the second client must read zeroes where the first one wrote")
+check(h1.pread(2, SB) == b"\x53\xef", "the first client's disk must be a fresh ext4")
+h1.pwrite(bytes(2048), 0)
+check(h2.pread(2, SB) == b"\x53\xef",
+      "the second client's disk must stay a fresh ext4 when the first wipes its superblock")
+h2.pwrite(b"\xcd" * L, P)
+check(h1.pread(L, P) == b"\xab" * L, "the first client must keep its own data")
+"#;
+    let finish = r#"
+h1.shutdown()
+h2.shutdown()
+h3 = connect(uri)
+check(h3.pread(L, P) == bytes(L) and h3.pread(2, SB) == b"\x53\xef",
+      "a later connection must get a fresh disk again")
+h3.shutdown()
+"#;
+    let client = HeldClient::start(setup, finish, &[server.uri()]);
+    let pids = wait_image_holders(server.images(), 2, "two clients connected");
+    for pid in &pids {
+        assert_ne!(
+            *pid,
+            server.pid(),
+            "each connection must be served by its own forked process, not the listener"
+        );
+    }
+    assert_dir_empty(server.images(), "while two clients are connected");
+    client.finish();
+}

@@ -1,0 +1,174 @@
+//! The image's life: it never shows in the tmpdir (not even while serving),
+//! and it is gone with its process however the connection ends: NBD_CMD_DISC,
+//! a client that vanishes, or SIGKILL of the serving process. Also the
+//! handshake timeout.
+
+mod common;
+
+use common::nbdraw::{self, GoReply};
+use common::*;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// The one process serving a single connected client, after checking that
+/// its image is an unlinked file in the tmpdir and that the tmpdir is empty.
+fn serving_process(server: &Server) -> u32 {
+    let pids = wait_image_holders(server.images(), 1, "one client connected");
+    let holders = image_holders(server.images());
+    assert!(
+        holders
+            .iter()
+            .all(|(_, t)| is_deleted_image(t, server.images())),
+        "the image must be an unlinked file (O_TMPFILE), got {holders:?}"
+    );
+    assert_dir_empty(server.images(), "while a client is connected");
+    pids[0]
+}
+
+#[test]
+fn tmpdir_stays_empty_while_serving_and_after_disconnect() {
+    require(&["python3-nbd", "nbdinfo", "mkfs.ext4"]);
+    let dir = TestDir::new("disc");
+    let server = Server::unix(&dir, &["64M"]);
+    let images = server.images().to_path_buf();
+    assert_dir_empty(&images, "before any client");
+
+    let client = HeldClient::start(
+        "h = connect(sys.argv[1])\nh.pwrite(b'\\xcd' * 65536, 2 << 20)",
+        "check(h.pread(65536, 2 << 20) == b'\\xcd' * 65536, 'read back')\nh.shutdown()",
+        &[server.uri()],
+    );
+    let pid = serving_process(&server);
+    assert_ne!(
+        pid,
+        server.pid(),
+        "the listener must serve each connection in a forked child"
+    );
+    client.finish();
+    wait_no_image_holders(&images, "after NBD_CMD_DISC");
+    assert_dir_empty(&images, "after NBD_CMD_DISC");
+    wait_children_reaped(server.pid(), 0, "after NBD_CMD_DISC");
+
+    nbdinfo_ok(&["--json", server.uri()]);
+    wait_no_image_holders(&images, "after nbdinfo");
+    assert_dir_empty(&images, "after nbdinfo");
+    wait_children_reaped(server.pid(), 0, "after nbdinfo");
+}
+
+#[test]
+fn tmpdir_stays_empty_after_abrupt_close() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("abrupt");
+    let server = Server::unix(&dir, &["64M"]);
+    let images = server.images().to_path_buf();
+
+    // A hand-written client that negotiates GO and then just closes.
+    let mut sock = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    nbdraw::handshake(&mut sock).expect("handshake");
+    match nbdraw::opt_go(&mut sock).expect("GO") {
+        GoReply::Ok { size, .. } => assert_eq!(size, 64 * MIB, "size in NBD_INFO_EXPORT"),
+        other => panic!("GO failed: {other:?}"),
+    }
+    serving_process(&server);
+    drop(sock);
+    wait_no_image_holders(&images, "after the client closed without DISC");
+    assert_dir_empty(&images, "after the client closed without DISC");
+    wait_children_reaped(server.pid(), 0, "after the client closed without DISC");
+
+    // A libnbd client killed mid-session.
+    let client = HeldClient::start(
+        "h = connect(sys.argv[1])\nh.pwrite(b'\\xcd' * 65536, 0)",
+        "",
+        &[server.uri()],
+    );
+    serving_process(&server);
+    client.proc.kill_group(libc::SIGKILL);
+    drop(client);
+    wait_no_image_holders(&images, "after the client was killed");
+    assert_dir_empty(&images, "after the client was killed");
+    wait_children_reaped(server.pid(), 0, "after the client was killed");
+}
+
+/// SIGKILLs the process serving one client of `server`; the image must be
+/// gone, the client must see the connection fail, and the server must go on
+/// serving new clients.
+fn sigkill_serving_process(server: &Server) {
+    let images = server.images().to_path_buf();
+    let client = HeldClient::start(
+        "h = connect(sys.argv[1])\nh.pwrite(b'\\xcd' * 65536, 0)",
+        r#"
+try:
+    h.pread(65536, 0)
+    failed = False
+except nbd.Error:
+    failed = True
+check(failed, "I/O must fail once the serving process is killed")
+"#,
+        &[server.uri()],
+    );
+    let pid = serving_process(server);
+    assert_ne!(pid, server.pid(), "the serving process must be a child");
+    // SAFETY: kill(2) on a process this test's server forked.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    wait_no_image_holders(&images, "after SIGKILL of the serving process");
+    assert_dir_empty(&images, "after SIGKILL of the serving process");
+    client.finish();
+
+    // The listener is unaffected.
+    nbdinfo_ok(&["--size", server.uri()]);
+    wait_no_image_holders(&images, "after a client following the SIGKILL");
+    assert_dir_empty(&images, "after a client following the SIGKILL");
+}
+
+#[test]
+fn tmpdir_stays_empty_after_sigkill_of_listener_child() {
+    require(&["python3-nbd", "nbdinfo", "mkfs.ext4"]);
+    let dir = TestDir::new("sigkill-unix");
+    let server = Server::unix(&dir, &["64M"]);
+    sigkill_serving_process(&server);
+    wait_children_reaped(server.pid(), 0, "after SIGKILL of a child");
+}
+
+#[test]
+fn tmpdir_stays_empty_after_sigkill_of_socket_activated_process() {
+    require(&[
+        "python3-nbd",
+        "nbdinfo",
+        "mkfs.ext4",
+        "systemd-socket-activate",
+    ]);
+    let dir = TestDir::new("sigkill-sa");
+    let server = Server::start(&dir, Mode::SocketActivate, &["64M"], &[]);
+    sigkill_serving_process(&server);
+}
+
+#[test]
+fn handshake_timeout_drops_a_silent_client() {
+    let dir = TestDir::new("handshake-timeout");
+    let server = Server::unix(&dir, &["--handshake-timeout", "1", "64M"]);
+    let mut sock = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let start = Instant::now();
+    // Read the greeting, then say nothing.
+    let mut greeting = [0u8; 18];
+    sock.read_exact(&mut greeting).expect("greeting");
+    let mut rest = [0u8; 1];
+    let r = sock.read(&mut rest);
+    let waited = start.elapsed();
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the server must hang up on a client silent past --handshake-timeout 1, got {r:?} after {waited:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "the server hung up after {waited:?}, before the 1 s timeout"
+    );
+    wait_children_reaped(server.pid(), 0, "after the handshake timeout");
+    assert_dir_empty(server.images(), "after the handshake timeout");
+}
