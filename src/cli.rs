@@ -71,6 +71,15 @@ pub struct Args {
     )]
     pub handshake_timeout: u64,
 
+    /// Drop a client that has not read its replies for SECS seconds (0 = never)
+    #[arg(
+        long,
+        value_name = "SECS",
+        env = "TMPDISK_REPLY_TIMEOUT",
+        default_value_t = 300
+    )]
+    pub reply_timeout: u64,
+
     /// Refuse new clients while the tmpdir has less free space than this: a
     /// size (64M, 2G) or a percentage of the filesystem (5%)
     #[arg(long, value_name = "SIZE|PCT", env = "TMPDISK_MIN_FREE", default_value = "5%",
@@ -206,6 +215,7 @@ pub struct Config {
     pub tmpdir: PathBuf,
     pub handshake_timeout: Option<Duration>,
     pub setup_timeout: Option<Duration>,
+    pub reply_timeout: Option<Duration>,
     pub min_free: MinFree,
     pub max_connections: usize,
     pub mode: Mode,
@@ -276,6 +286,7 @@ impl Config {
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
             setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
+            reply_timeout: (a.reply_timeout > 0).then(|| Duration::from_secs(a.reply_timeout)),
             min_free: a.min_free,
             max_connections: a.max_connections as usize,
             mode,

@@ -19,6 +19,9 @@ pub struct Conn {
     wr: Option<OwnedFd>,
     /// Time the client may still keep us waiting, if bounded.
     budget: Option<Duration>,
+    /// How long one reply may wait for the client to read (pipes; sockets
+    /// use SO_SNDTIMEO instead, which costs no extra system call).
+    pipe_stall: Option<Duration>,
 }
 
 impl Conn {
@@ -28,6 +31,7 @@ impl Conn {
             rd: fd,
             wr: None,
             budget: None,
+            pipe_stall: None,
         }
     }
 
@@ -37,6 +41,7 @@ impl Conn {
             rd,
             wr: Some(wr),
             budget: None,
+            pipe_stall: None,
         }
     }
 
@@ -44,6 +49,21 @@ impl Conn {
     /// wait forever).
     pub fn set_wait_budget(&mut self, budget: Option<Duration>) {
         self.budget = budget;
+    }
+
+    /// Bound how long a reply may wait for a client that does not read
+    /// (`None`: forever). A stalled write then fails with `WouldBlock`.
+    pub fn set_reply_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.wr.is_some() {
+            self.pipe_stall = timeout;
+            return Ok(());
+        }
+        let tv = nix::sys::time::TimeVal::new(
+            timeout.map_or(0, |t| t.as_secs() as i64),
+            timeout.map_or(0, |t| i64::from(t.subsec_micros())),
+        );
+        nix::sys::socket::setsockopt(&self.rd, nix::sys::socket::sockopt::SendTimeout, &tv)?;
+        Ok(())
     }
 
     pub fn read_fd(&self) -> BorrowedFd<'_> {
@@ -58,6 +78,11 @@ impl Conn {
     /// Wait until the fd is ready, charging the wait to the budget.
     fn wait(&mut self, write: bool) -> io::Result<()> {
         let Some(budget) = self.budget else {
+            if let (true, Some(stall)) = (write, self.pipe_stall) {
+                if !sys::poll_one(self.write_fd(), PollFlags::POLLOUT, Some(stall))? {
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+            }
             return Ok(());
         };
         let (fd, events) = if write {

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod logging;
 pub mod mkfs;
 pub mod nbd;
+pub mod sandbox;
 pub mod session;
 pub mod status;
 pub mod sys;

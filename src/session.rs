@@ -20,8 +20,8 @@ use crate::nbd::negotiate::{self, Exports, Negotiated, OpenError, Outcome, Tls};
 use crate::nbd::stream::Stream;
 use crate::nbd::transmit::{self, End, Stats};
 use crate::nbd::wire::REP_ERR_UNKNOWN;
-use crate::status;
 use crate::tls::{self, TlsStream};
+use crate::{sandbox, status};
 
 /// Exit codes (see `tmpdisk --help`).
 pub const EXIT_OK: u8 = 0;
@@ -44,7 +44,9 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         negotiate::negotiate(&mut s, &mut disk, no_zeroes, policy).map(|o| (no_zeroes, o))
     });
     let ended = match first {
-        Ok((_, Outcome::Go(n))) => transmission(s, &n, &disk, &peer, None, started),
+        Ok((_, Outcome::Go(n))) => {
+            transmission(s, &n, &disk, &peer, None, started, cfg.reply_timeout)
+        }
         Ok((no_zeroes, Outcome::StartTls)) => match (starttls(s, tls), tls) {
             (Ok((mut s, subject)), _) => {
                 // Everything negotiated before STARTTLS is forgotten: this
@@ -53,7 +55,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
                     Ok(Outcome::Go(n)) => {
                         // Some("") for TLS without a client certificate.
                         let subject = Some(subject.unwrap_or_default());
-                        transmission(s, &n, &disk, &peer, subject, started)
+                        transmission(s, &n, &disk, &peer, subject, started, cfg.reply_timeout)
                     }
                     Ok(_) => {
                         s.into_parts().map(|(mut t, _)| t.finish()).ok();
@@ -118,13 +120,18 @@ fn transmission<T: Transport>(
     // None for plaintext; the client certificate's subject (or "") for TLS.
     tls_subject: Option<String>,
     started: Instant,
+    reply_timeout: Option<std::time::Duration>,
 ) -> Result<Left, Hangup> {
     let Some(image) = disk.image() else {
         // negotiate only returns Go after `open` succeeded.
         return Err(Hangup::Server("export chosen but no disk was built".into()));
     };
     if let Ok(t) = s.channel() {
-        t.conn().set_wait_budget(None);
+        let c = t.conn();
+        c.set_wait_budget(None);
+        if let Err(e) = c.set_reply_timeout(reply_timeout) {
+            warn!(error = %e, "cannot set the reply timeout");
+        }
     }
     info!(
         %peer,
@@ -139,6 +146,9 @@ fn transmission<T: Transport>(
         "client served"
     );
     status::status(&format!("serving {peer}: {}", disk.description()));
+    if let Err(e) = sandbox::lock_down() {
+        warn!(error = %e, "serving without a seccomp filter");
+    }
 
     let mut stats = Stats::default();
     let end = transmit::serve(&mut s, image, n, &mut stats);

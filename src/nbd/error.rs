@@ -24,6 +24,8 @@ pub enum Hangup {
     Protocol(String),
     /// The client did not finish negotiating in time.
     Timeout,
+    /// The client stopped reading its replies (`--reply-timeout`).
+    Stalled,
     /// Reading from or writing to the client failed.
     Io(io::Error),
     /// The server could not build or use the disk: this is our failure, not
@@ -45,6 +47,7 @@ impl Hangup {
             io::ErrorKind::UnexpectedEof if mid_message => Hangup::Truncated,
             io::ErrorKind::UnexpectedEof => Hangup::Closed,
             io::ErrorKind::TimedOut => Hangup::Timeout,
+            io::ErrorKind::WouldBlock => Hangup::Stalled,
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Hangup::Closed,
             _ => Hangup::Io(e),
         }
@@ -58,6 +61,7 @@ impl fmt::Display for Hangup {
             Hangup::Truncated => write!(f, "client closed the connection mid-message"),
             Hangup::Protocol(why) => write!(f, "protocol violation: {why}"),
             Hangup::Timeout => write!(f, "client did not finish negotiating in time"),
+            Hangup::Stalled => write!(f, "client stopped reading its replies"),
             Hangup::Io(e) => write!(f, "connection error: {e}"),
             Hangup::Server(why) => write!(f, "{why}"),
         }

@@ -1,0 +1,108 @@
+//! Defence in depth for the serving phase. Once the disk is built and the
+//! client has chosen it, all the process still does is read and write two
+//! fds (the client, the image), allocate memory, log, and exit; a seccomp
+//! filter (with PR_SET_NO_NEW_PRIVS) allows that and nothing else. A bug
+//! exploited through the protocol then cannot open files, run programs or
+//! make network connections. Any other call fails with EPERM rather than
+//! killing the process, so a missed entry shows as an error reply, not a
+//! dead client.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
+
+/// System calls the serving loop makes, and why.
+const ALLOWED: &[i64] = &[
+    // The request loop: client fd and image fd.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_lseek,     // SEEK_DATA / SEEK_HOLE
+    libc::SYS_fallocate, // TRIM, WRITE_ZEROES
+    libc::SYS_fadvise64, // CACHE
+    libc::SYS_sendfile,
+    libc::SYS_splice,
+    libc::SYS_pipe2,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_ppoll,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_close,
+    // Memory.
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    // Logging to the journal (tracing-journald passes big records in a
+    // sealed memfd) and sd_notify (a datagram on a new AF_UNIX socket,
+    // allowed below with its domain checked).
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_connect,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    // Time, signals, threads' leftovers, exit.
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Calls only x86_64 has (aarch64 has just the *at/ppoll forms above).
+#[cfg(target_arch = "x86_64")]
+const ALLOWED_X86_64: &[i64] = &[libc::SYS_poll];
+#[cfg(not(target_arch = "x86_64"))]
+const ALLOWED_X86_64: &[i64] = &[];
+
+/// Restrict the process to the serving loop's system calls.
+pub fn lock_down() -> Result<(), String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
+        .iter()
+        .chain(ALLOWED_X86_64)
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    // New sockets only for sd_notify: AF_UNIX, nothing that reaches a network.
+    let unix_only = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_UNIX as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| format!("seccomp rule: {e}"))?;
+    rules.insert(libc::SYS_socket, vec![unix_only]);
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(|e| format!("seccomp filter: {e}"))?;
+    let program: seccompiler::BpfProgram = filter
+        .try_into()
+        .map_err(|e| format!("seccomp filter: {e}"))?;
+    // Sets PR_SET_NO_NEW_PRIVS, then installs the filter.
+    seccompiler::apply_filter(&program).map_err(|e| format!("seccomp: {e}"))
+}
