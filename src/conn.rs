@@ -78,10 +78,10 @@ impl Conn {
     /// Wait until the fd is ready, charging the wait to the budget.
     fn wait(&mut self, write: bool) -> io::Result<()> {
         let Some(budget) = self.budget else {
-            if let (true, Some(stall)) = (write, self.pipe_stall) {
-                if !sys::poll_one(self.write_fd(), PollFlags::POLLOUT, Some(stall))? {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
+            if let (true, Some(stall)) = (write, self.pipe_stall)
+                && !sys::poll_one(self.write_fd(), PollFlags::POLLOUT, Some(stall))?
+            {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
             return Ok(());
         };
