@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
 
+use crate::nbd::stream::Channel;
 use crate::sys;
 
 /// One client's connection.
@@ -105,11 +106,17 @@ impl Conn {
 
 /// A client stream the session can run over: the plain connection, or TLS
 /// on top of it.
-pub trait Transport: Read + Write {
+pub trait Transport: Channel {
     /// The connection underneath (for its wait budget).
     fn conn(&mut self) -> &mut Conn;
     /// Say goodbye properly before the process exits (TLS close_notify).
     fn finish(&mut self) {}
+}
+
+impl Channel for Conn {
+    fn raw_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
+        Some((self.read_fd(), self.write_fd()))
+    }
 }
 
 impl Transport for Conn {

@@ -94,6 +94,9 @@ pub fn accept(mut conn: Conn, config: Arc<ServerConfig>) -> io::Result<TlsStream
     Ok(rustls::StreamOwned::new(tls, conn))
 }
 
+/// Encrypted: bytes must pass through rustls, never straight to the fd.
+impl crate::nbd::stream::Channel for TlsStream {}
+
 impl crate::conn::Transport for TlsStream {
     fn conn(&mut self) -> &mut Conn {
         &mut self.sock

@@ -10,12 +10,10 @@
 //! it (INFO, GO or EXPORT_NAME), through [`Exports::open`], and reused
 //! after that; LIST and ABORT cost nothing.
 
-use std::io::{Read, Write};
-
 use tracing::debug;
 
 use super::error::Hangup;
-use super::stream::Stream;
+use super::stream::{Channel, Stream};
 use super::wire::*;
 
 /// Longest option payload we accept: room for an export name and a
@@ -133,7 +131,7 @@ impl State {
 
 /// Send the greeting and read the client's flags. Done once per connection
 /// (not again after STARTTLS).
-pub fn handshake<C: Read + Write>(s: &mut Stream<C>) -> Result<bool, Hangup> {
+pub fn handshake<C: Channel>(s: &mut Stream<C>) -> Result<bool, Hangup> {
     let mut greeting = [0u8; 18];
     greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -165,7 +163,7 @@ pub fn handshake<C: Read + Write>(s: &mut Stream<C>) -> Result<bool, Hangup> {
 
 /// Haggle over options until the client picks the export, aborts, or asks
 /// for TLS.
-pub fn negotiate<C: Read + Write, E: Exports>(
+pub fn negotiate<C: Channel, E: Exports>(
     s: &mut Stream<C>,
     exports: &mut E,
     no_zeroes: bool,
@@ -448,7 +446,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn send_info<C: Read + Write>(
+fn send_info<C: Channel>(
     o: &mut OptionReplier<'_, C>,
     n: &Negotiated,
     requests: &[u16],
@@ -483,7 +481,7 @@ struct OptionReplier<'a, C> {
     option: u32,
 }
 
-impl<C: Read + Write> OptionReplier<'_, C> {
+impl<C: Channel> OptionReplier<'_, C> {
     fn reply(&mut self, kind: u32, payload: &[u8]) -> Result<(), Hangup> {
         let h = option_reply_header(self.option, kind, payload.len() as u32);
         self.s

@@ -8,16 +8,45 @@
 //! payload, and when it grows large. Large payloads go out with one
 //! writev(2) that carries the queue, the header and the data together.
 //!
-//! It works over any `Read + Write` channel, so tests and fuzzers can run
-//! the protocol over an in-memory stream.
+//! It works over any [`Channel`], so tests and fuzzers can run the protocol
+//! over an in-memory stream. When the channel is a plain fd (no TLS in
+//! between), read data goes from the image to the client with sendfile(2)
+//! and write payloads from the client into the image with splice(2): the
+//! data is never copied through our memory.
 
 use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-const READ_BUF: usize = 64 * 1024;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+
+/// A byte stream to the client. Plain connections expose their fds so that
+/// data can move between them and the image inside the kernel.
+pub trait Channel: Read + Write {
+    /// (read fd, write fd) when bytes on them are the protocol itself.
+    fn raw_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
+        None
+    }
+}
+
+/// What became of a payload received straight into the image.
+pub enum Received {
+    /// Stored.
+    Stored,
+    /// Consumed from the client, but the image refused it (ENOSPC...): the
+    /// client gets this error, and the stream is still in step.
+    Failed(io::Error),
+}
+
+const READ_BUF: usize = 32 * 1024;
 /// Flush the reply queue once it holds this much.
 const QUEUE_LIMIT: usize = 64 * 1024;
 /// Payloads at least this large are not copied into the queue.
 const COPY_LIMIT: usize = 16 * 1024;
+/// Data at least this large moves between client and image inside the
+/// kernel (sendfile/splice), when the channel allows. Smaller pieces are
+/// cheaper copied: a small read reply then joins the batched queue, and a
+/// small write payload usually arrived in the read buffer with its header.
+pub const ZERO_COPY_MIN: usize = 64 * 1024;
 
 pub struct Stream<C> {
     ch: C,
@@ -25,19 +54,22 @@ pub struct Stream<C> {
     rpos: usize,
     rend: usize,
     queue: Vec<u8>,
+    /// For splice(2) from the client into the image, made on first use.
+    pipe: Option<(OwnedFd, OwnedFd)>,
     /// Bytes read from / written to the client so far.
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
 
-impl<C: Read + Write> Stream<C> {
+impl<C: Channel> Stream<C> {
     pub fn new(ch: C) -> Self {
         Stream {
             ch,
             rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
             rpos: 0,
             rend: 0,
-            queue: Vec::with_capacity(QUEUE_LIMIT),
+            queue: Vec::with_capacity(4096),
+            pipe: None,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -178,6 +210,131 @@ impl<C: Read + Write> Stream<C> {
         r
     }
 
+    /// Send a header followed by `len` bytes of `file` from `offset`,
+    /// without copying them through user space. Returns false (and sends
+    /// nothing) when the channel cannot do that; the caller then reads the
+    /// data and uses [`Stream::send`]. Once the header is out, any failure
+    /// is a broken stream: the caller must hang up.
+    pub fn send_file(
+        &mut self,
+        header: &[u8],
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<bool> {
+        if self.ch.raw_fds().is_none() {
+            return Ok(false);
+        }
+        self.queue.extend_from_slice(header);
+        self.flush()?;
+        let Some((_, out)) = self.ch.raw_fds() else {
+            return Err(io::Error::other("channel lost its fd"));
+        };
+        let mut off =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let mut left = len;
+        while left > 0 {
+            match nix::sys::sendfile::sendfile64(out, file, Some(&mut off), left) {
+                Ok(0) => {
+                    // The file ended early (only --command could shrink
+                    // it): what is not there reads as zeroes.
+                    let zeroes = [0u8; 4096];
+                    while left > 0 {
+                        match nix::unistd::write(out, &zeroes[..left.min(4096)]) {
+                            Ok(n) => left -= n,
+                            Err(nix::errno::Errno::EINTR) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                Ok(n) => left -= n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.bytes_out += len as u64;
+        Ok(true)
+    }
+
+    /// Receive a `len`-byte payload from the client straight into `file` at
+    /// `offset` (splice through a pipe; what is already buffered is written
+    /// from the buffer). Returns None, having consumed nothing, when the
+    /// channel cannot do that. An `Err` is a broken stream (hang up); a
+    /// failure of the image is [`Received::Failed`] with the payload
+    /// consumed.
+    pub fn recv_into_file(
+        &mut self,
+        file: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<Received>> {
+        let Some((inp, _)) = self.ch.raw_fds() else {
+            return Ok(None);
+        };
+        let mut off =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        let mut left = len;
+        let mut failure = None;
+        // First what is already buffered.
+        let buffered = (self.rend - self.rpos).min(left);
+        if buffered > 0 {
+            let chunk = &self.rbuf[self.rpos..self.rpos + buffered];
+            if let Err(e) = nix::sys::uio::pwrite(file, chunk, off) {
+                failure = Some(io::Error::from(e));
+            }
+            self.rpos += buffered;
+            left -= buffered;
+            off += buffered as i64;
+        }
+        if left > 0 && self.pipe.is_none() {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            // Bigger pipes mean fewer splices; the default (64 KiB) works too.
+            let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(1 << 20));
+            self.pipe = Some((r, w));
+        }
+        let Some((pr, pw)) = &self.pipe else {
+            return Ok(Some(finish(failure)));
+        };
+        while left > 0 {
+            let n = loop {
+                match splice(inp, None, pw, None, left, SpliceFFlags::SPLICE_F_MOVE) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    r => break r?,
+                }
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.bytes_in += n as u64;
+            left -= n;
+            // Empty the pipe into the image, or, once the image has failed,
+            // into nowhere (the payload must still be consumed).
+            let mut in_pipe = n;
+            while in_pipe > 0 {
+                if failure.is_none() {
+                    match splice(
+                        pr,
+                        None,
+                        file,
+                        Some(&mut off),
+                        in_pipe,
+                        SpliceFFlags::SPLICE_F_MOVE,
+                    ) {
+                        Ok(0) => failure = Some(io::ErrorKind::WriteZero.into()),
+                        Ok(m) => in_pipe -= m,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => failure = Some(e.into()),
+                    }
+                } else {
+                    let mut sink = [0u8; 8192];
+                    let m = nix::unistd::read(pr, &mut sink[..in_pipe.min(8192)])?;
+                    in_pipe -= m;
+                }
+            }
+        }
+        Ok(Some(finish(failure)))
+    }
+
     /// Send everything queued.
     pub fn flush(&mut self) -> io::Result<()> {
         if self.queue.is_empty() {
@@ -188,6 +345,13 @@ impl<C: Read + Write> Stream<C> {
         self.queue.clear();
         r?;
         self.ch.flush()
+    }
+}
+
+fn finish(failure: Option<io::Error>) -> Received {
+    match failure {
+        None => Received::Stored,
+        Some(e) => Received::Failed(e),
     }
 }
 
@@ -222,6 +386,8 @@ mod tests {
             self.input.read(&mut b[..n])
         }
     }
+    impl Channel for Mem {}
+
     impl Write for Mem {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
             self.output.extend_from_slice(b);

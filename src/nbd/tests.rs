@@ -4,18 +4,47 @@
 //! what each kind of bad input gets.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::error::Hangup;
 use super::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
-use super::stream::Stream;
+use super::stream::{Channel, Stream};
 use super::transmit::{End, Stats, serve};
 use super::wire::*;
 use crate::image::Image;
 
 const SIZE: u64 = 4 << 20;
+
+/// A socket the server may use zero-copy (sendfile/splice) on.
+impl Channel for UnixStream {
+    fn raw_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
+        Some((self.as_fd(), self.as_fd()))
+    }
+}
+
+/// The same socket, but opaque: every byte is copied through the stream's
+/// buffers, as under TLS.
+struct Copying(UnixStream);
+
+impl Read for Copying {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(b)
+    }
+}
+
+impl Write for Copying {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Channel for Copying {}
 
 /// Exports backed by a plain sparse image; counts how often it is built.
 struct TestExports {
@@ -61,6 +90,10 @@ impl Server {
     }
 
     fn start_with(fail: Option<&str>, tls: Tls) -> (Server, Client) {
+        Self::start_full(fail, tls, true)
+    }
+
+    fn start_full(fail: Option<&str>, tls: Tls, zero_copy: bool) -> (Server, Client) {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let fail = fail.map(String::from);
@@ -70,23 +103,12 @@ impl Server {
                 builds: 0,
                 fail,
             };
-            let mut s = Stream::new(a);
-            let r = handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, tls));
-            let ended = match r {
-                Ok(Outcome::Go(n)) => {
-                    let img = ex.image.as_ref().unwrap();
-                    let mut stats = Stats::default();
-                    match serve(&mut s, img, &n, &mut stats) {
-                        Ok(e) => Ended::Served(e),
-                        Err(h) => Ended::Hung(h.to_string()),
-                    }
-                }
-                Ok(Outcome::Abort) => Ended::Aborted,
-                Ok(Outcome::StartTls) => Ended::Hung("starttls".into()),
-                Err(Hangup::Closed) => Ended::Hung("closed".into()),
-                Err(h) => Ended::Hung(h.to_string()),
+            let (ended, builds) = if zero_copy {
+                session(Stream::new(a), &mut ex, tls)
+            } else {
+                session(Stream::new(Copying(a)), &mut ex, tls)
             };
-            (ended, ex.builds)
+            (ended, builds)
         });
         (Server { thread }, Client { s: b })
     }
@@ -94,6 +116,26 @@ impl Server {
     fn join(self) -> (Ended, usize) {
         self.thread.join().unwrap()
     }
+}
+
+/// The server side: negotiate, then serve, as the session module does.
+fn session<C: Channel>(mut s: Stream<C>, ex: &mut TestExports, tls: Tls) -> (Ended, usize) {
+    let r = handshake(&mut s).and_then(|nz| negotiate(&mut s, ex, nz, tls));
+    let ended = match r {
+        Ok(Outcome::Go(n)) => {
+            let img = ex.image.as_ref().unwrap();
+            let mut stats = Stats::default();
+            match serve(&mut s, img, &n, &mut stats) {
+                Ok(e) => Ended::Served(e),
+                Err(h) => Ended::Hung(h.to_string()),
+            }
+        }
+        Ok(Outcome::Abort) => Ended::Aborted,
+        Ok(Outcome::StartTls) => Ended::Hung("starttls".into()),
+        Err(Hangup::Closed) => Ended::Hung("closed".into()),
+        Err(h) => Ended::Hung(h.to_string()),
+    };
+    (ended, ex.builds)
 }
 
 struct Client {
@@ -847,4 +889,64 @@ fn starttls_when_offered_and_again_when_active() {
     c.opt(OPT_ABORT, &[]);
     assert_eq!(c.reply().kind, REP_ACK);
     assert!(matches!(srv.join().0, Ended::Aborted));
+}
+
+#[test]
+fn large_transfers_are_the_same_with_and_without_zero_copy() {
+    for zero_copy in [true, false] {
+        let (srv, mut c) = Server::start_full(None, Tls::Unavailable, zero_copy);
+        c.negotiate_structured(true);
+        // 256 KiB of data at 1 MiB, then a 1 MiB read spanning hole, data,
+        // hole, and a DF read of the data alone.
+        let data: Vec<u8> = (0..262144u32).map(|i| (i * 7 % 253) as u8).collect();
+        c.request(0, CMD_WRITE, 1, 1 << 20, data.len() as u32, &data);
+        assert_eq!(c.status(), 0);
+        c.request(0, CMD_READ, 2, (1 << 20) - 65536, 1 << 20, &[]);
+        let mut image = vec![0xffu8; 1 << 20];
+        for ch in c.chunks() {
+            let off = (be64(&ch.payload[0..8]) - ((1 << 20) - 65536)) as usize;
+            match ch.kind {
+                REPLY_TYPE_OFFSET_DATA => {
+                    let d = &ch.payload[8..];
+                    image[off..off + d.len()].copy_from_slice(d);
+                }
+                REPLY_TYPE_OFFSET_HOLE => {
+                    let n = be32(&ch.payload[8..12]) as usize;
+                    image[off..off + n].fill(0);
+                }
+                k => panic!("chunk type {k}"),
+            }
+        }
+        assert!(
+            image[..65536].iter().all(|&b| b == 0),
+            "zero_copy={zero_copy}"
+        );
+        assert_eq!(
+            &image[65536..65536 + data.len()],
+            &data[..],
+            "zero_copy={zero_copy}"
+        );
+        assert!(image[65536 + data.len()..].iter().all(|&b| b == 0));
+        c.request(CMD_FLAG_DF, CMD_READ, 3, 1 << 20, data.len() as u32, &[]);
+        let ch = c.chunks();
+        assert_eq!(ch.len(), 1);
+        assert_eq!(&ch[0].payload[8..], &data[..]);
+        c.request(0, CMD_DISC, 4, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+
+        // Simple replies too.
+        let (srv, mut c) = Server::start_full(None, Tls::Unavailable, zero_copy);
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        c.go(b"");
+        c.request(0, CMD_WRITE, 1, 65536, data.len() as u32, &data);
+        assert_eq!(c.simple(), (0, 1));
+        c.request(0, CMD_READ, 2, 65536, data.len() as u32, &[]);
+        assert_eq!(c.simple(), (0, 2));
+        assert_eq!(c.read_n(data.len()), data);
+        // A large write past the end is refused and its payload consumed.
+        c.request(0, CMD_WRITE, 3, SIZE - 4096, data.len() as u32, &data);
+        assert_eq!(c.simple(), (ENOSPC, 3));
+        c.request(0, CMD_DISC, 4, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    }
 }

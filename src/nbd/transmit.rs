@@ -7,13 +7,13 @@
 //! structured replies an unallocated range goes out as an OFFSET_HOLE chunk
 //! of 12 bytes instead of its zeroes.
 
-use std::io::{Read, Write};
-
 use tracing::debug;
+
+use std::os::fd::AsFd;
 
 use super::error::{Hangup, ReplyError};
 use super::negotiate::{Negotiated, Replies};
-use super::stream::Stream;
+use super::stream::{Channel, Received, Stream, ZERO_COPY_MIN};
 use super::validate::{Command, Limits, max_drain, payload_len, validate};
 use super::wire::*;
 use crate::image::{Extent, Image};
@@ -42,7 +42,7 @@ pub enum End {
 }
 
 /// Serve requests until the client leaves.
-pub fn serve<C: Read + Write>(
+pub fn serve<C: Channel>(
     s: &mut Stream<C>,
     image: &Image,
     n: &Negotiated,
@@ -128,7 +128,7 @@ struct Transmission<'a, C> {
     stats: &'a mut Stats,
 }
 
-impl<C: Read + Write> Transmission<'_, C> {
+impl<C: Channel> Transmission<'_, C> {
     fn next_request(&mut self) -> Result<Option<Request>, Hangup> {
         let decoded = if self.replies == Replies::Extended {
             let mut h = [0u8; EXTENDED_REQUEST_LEN];
@@ -160,13 +160,24 @@ impl<C: Read + Write> Transmission<'_, C> {
         let len = req.length as usize;
         self.stats.bytes_read += req.length;
         if !self.replies.structured() {
+            let h = simple_reply(0, req.cookie);
+            // Large reads go by sendfile. Its header leaves before the data
+            // is read, so a (very unlikely) read error of the image after
+            // that can only end the session, as the spec requires.
+            if len >= ZERO_COPY_MIN
+                && self
+                    .s
+                    .send_file(&h, self.image.as_fd(), req.offset, len)
+                    .map_err(|e| Hangup::from_io(e, false))?
+            {
+                return Ok(());
+            }
             // Simple reply: the header may only go out once the data is in
             // hand, because an error after it cannot be reported.
             self.buf.resize(len, 0);
             if let Err(e) = self.image.read_at(&mut self.buf, req.offset) {
                 return self.reply_error(req, &ReplyError::from_io("read", &e));
             }
-            let h = simple_reply(0, req.cookie);
             return self
                 .s
                 .send(&h, &self.buf)
@@ -216,6 +227,19 @@ impl<C: Read + Write> Transmission<'_, C> {
             return Ok(true);
         }
         let len = x.length as usize;
+        if len >= ZERO_COPY_MIN {
+            let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
+            let mut head = [0u8; 40];
+            head[..hl].copy_from_slice(&h[..hl]);
+            head[hl..hl + 8].copy_from_slice(&off);
+            if self
+                .s
+                .send_file(&head[..hl + 8], self.image.as_fd(), x.offset, len)
+                .map_err(|e| Hangup::from_io(e, false))?
+            {
+                return Ok(true);
+            }
+        }
         // Room for the offset in front of the data, so the chunk's payload
         // is one contiguous slice.
         self.buf.resize(8 + len, 0);
@@ -234,6 +258,20 @@ impl<C: Read + Write> Transmission<'_, C> {
 
     fn write(&mut self, req: &Request) -> Result<(), Hangup> {
         let len = req.length as usize;
+        if len >= ZERO_COPY_MIN {
+            let received = self
+                .s
+                .recv_into_file(self.image.as_fd(), req.offset, len)
+                .map_err(|e| Hangup::from_io(e, true))?;
+            if let Some(r) = received {
+                self.stats.bytes_written += req.length;
+                let r = match r {
+                    Received::Stored => Ok(()),
+                    Received::Failed(e) => Err(ReplyError::from_io("write", &e)),
+                };
+                return self.reply(req, r);
+            }
+        }
         self.buf.resize(len, 0);
         self.s
             .read_exact(&mut self.buf)
