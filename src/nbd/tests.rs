@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::error::Hangup;
-use super::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
+use super::negotiate::{Exports, OpenError, Outcome, Replies, Tls, handshake, negotiate};
 use super::stream::{Channel, Stream};
 use super::transmit::{End, Stats, serve};
 use super::wire::*;
@@ -949,4 +949,52 @@ fn large_transfers_are_the_same_with_and_without_zero_copy() {
         c.request(0, CMD_DISC, 4, 0, 0, &[]);
         assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
     }
+}
+
+#[test]
+fn nothing_negotiated_before_starttls_survives_it() {
+    // CVE-2021-3716: state from the plaintext round must not leak into the
+    // encrypted one. The second round here runs on the same socket (the
+    // real server wraps it in TLS first; the state logic is the same).
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let server = std::thread::spawn(move || {
+        let mut ex = TestExports {
+            image: None,
+            builds: 0,
+            fail: None,
+        };
+        let mut s = Stream::new(a);
+        let nz = handshake(&mut s).unwrap();
+        assert!(matches!(
+            negotiate(&mut s, &mut ex, nz, Tls::Offered),
+            Ok(Outcome::StartTls)
+        ));
+        let r = negotiate(&mut s, &mut ex, nz, Tls::Active);
+        s.flush().unwrap();
+        match r {
+            Ok(Outcome::Go(n)) => n,
+            _ => panic!("second round must end in GO"),
+        }
+    });
+    let mut c = Client { s: b };
+    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    assert_eq!(c.haggle(OPT_STRUCTURED_REPLY, &[])[0].kind, REP_ACK);
+    let r = c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+    assert_eq!(r[0].kind, REP_META_CONTEXT);
+    assert_eq!(c.haggle(OPT_STARTTLS, &[])[0].kind, REP_ACK);
+    // "TLS is up": go straight to GO without renegotiating anything.
+    let go = c.go(b"");
+    let export = go.iter().find(|r| r.kind == REP_INFO).unwrap();
+    assert_eq!(
+        be16(&export.data[10..12]) & TFLAG_SEND_DF,
+        0,
+        "structured replies from before STARTTLS must be forgotten"
+    );
+    let n = server.join().unwrap();
+    assert_eq!(n.replies, Replies::Simple);
+    assert!(
+        !n.base_allocation,
+        "meta contexts from before STARTTLS must be forgotten"
+    );
 }
