@@ -54,6 +54,8 @@ pub fn run(
     };
     set_nonblocking(&listener)?;
     info!(address = %listener.describe(), max_connections, "listening");
+    // For a Type=notify unit running the listener itself (Accept=no).
+    crate::status::ready(&format!("listening on {}", listener.describe()));
     let mut children: HashSet<Pid> = HashSet::new();
     let stop = loop {
         let accepting = children.len() < max_connections;
