@@ -16,7 +16,13 @@ pub fn init(level: Level) {
         .and_then(Result::ok);
     if let Some(journal) = journal {
         tracing_subscriber::registry()
-            .with(journal.with_syslog_identifier("tmpdisk".into()))
+            // Plain field names (PEER=, SIZE=...), not tracing-journald's
+            // default F_PEER=.
+            .with(
+                journal
+                    .with_syslog_identifier("tmpdisk".into())
+                    .with_field_prefix(None),
+            )
             .with(filter)
             .init();
         return;

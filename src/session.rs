@@ -21,7 +21,7 @@ use crate::nbd::stream::Stream;
 use crate::nbd::transmit::{self, End, Stats};
 use crate::nbd::wire::REP_ERR_UNKNOWN;
 use crate::tls::{self, TlsStream};
-use crate::{sandbox, status};
+use crate::{sandbox, status, sys};
 
 /// Exit codes (see `tmpdisk --help`).
 pub const EXIT_OK: u8 = 0;
@@ -234,6 +234,13 @@ impl<'a> Disk<'a> {
 
     fn build(&mut self) -> Result<Image, String> {
         let cfg = self.cfg;
+        if let Some(limit) = sys::file_size_limit().filter(|&l| l < cfg.size) {
+            return Err(format!(
+                "disk size {} exceeds this process's file size limit (LimitFSIZE=) of {}",
+                human_size(cfg.size),
+                human_size(limit)
+            ));
+        }
         check_free_space(cfg)?;
         let (mut image, how) = Image::create(&cfg.tmpdir, cfg.size)
             .map_err(|e| format!("cannot create the disk in {}: {e}", cfg.tmpdir.display()))?;

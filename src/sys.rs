@@ -202,3 +202,32 @@ unsafe fn close_from(first: RawFd) {
         }
     }
 }
+
+/// Ignore SIGXFSZ: with a file size limit (systemd's LimitFSIZE=) below the
+/// disk size, ftruncate or a write past the limit then fails with EFBIG,
+/// which the client hears about, instead of killing the process silently.
+pub fn ignore_sigxfsz() -> io::Result<()> {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_IGN installs no handler code, so nothing can run in
+    // signal context.
+    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }?;
+    Ok(())
+}
+
+/// Make the process non-dumpable: no core dumps of client data, and its
+/// /proc entries (fds included) belong to root, so another instance
+/// running as the same (dynamic) user cannot open this client's image
+/// through /proc/PID/fd.
+pub fn set_not_dumpable() -> io::Result<()> {
+    nix::sys::prctl::set_dumpable(false)?;
+    Ok(())
+}
+
+/// The largest file this process may create (RLIMIT_FSIZE), if limited.
+pub fn file_size_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_FSIZE) {
+        Ok((soft, _)) if soft != libc::RLIM_INFINITY => Some(soft),
+        _ => None,
+    }
+}

@@ -1,0 +1,1377 @@
+//! End to end in a real systemd: build the .deb and the .rpm with
+//! `packaging/build-packages`, boot systemd as PID 1 in `systemd-nspawn`
+//! (on a copy-on-write overlay of this machine's root), install the package
+//! in it, `systemctl enable --now tmpdisk.socket`, and drive it from the
+//! host with real clients (nbdinfo, libnbd). Checked, for each package:
+//!
+//! - installing enables and starts nothing; `systemd-analyze verify` prints
+//!   nothing and `systemd-analyze security` scores the template ≤ 0.5;
+//! - nbdinfo sees the size set in /etc/tmpdisk/tmpdisk.conf and an ext4
+//!   filesystem, built by mkfs inside the full sandbox;
+//! - two concurrent clients get two `tmpdisk@…` instances, running as the
+//!   dynamic user, each with its image in its own private /var/tmp, and
+//!   independent disks; the instances are gone after the clients leave and
+//!   nothing is left in the container's /tmp or /var/tmp;
+//! - the journal holds a structured "client served" and "client left"
+//!   record for each client;
+//! - `systemctl show` reports the limits of the units and of a drop-in
+//!   (the kernel does not enforce them in this container: configuration is
+//!   what can be checked here);
+//! - reinstalling (an upgrade) leaves a connected client alone; removing
+//!   the package stops the socket and the connected client's instance,
+//!   disables the socket and removes the units.
+//!
+//! Needs root (mounts, cgroups, nspawn). A missing tool fails the test with
+//! the Debian package to install; tests/run installs them all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+/// Debian's python3, which has the libnbd bindings.
+const PYTHON: &str = "/usr/bin/python3";
+/// The disk size the test puts in /etc/tmpdisk/tmpdisk.conf (the unit's
+/// default is 1G: seeing this proves the file was read).
+const SIZE: u64 = 320 << 20;
+/// MemoryMax= set by the test's drop-in for tmpdisk@.service.
+const DROPIN_MEMORY_MAX: u64 = 300 << 20;
+/// The Unix socket the test's drop-in adds to tmpdisk.socket.
+const UNIX_SOCKET: &str = "/run/tmpdisk/nbd.sock";
+/// systemd's range of dynamic users.
+const DYNAMIC_UIDS: std::ops::RangeInclusive<u32> = 61184..=65519;
+/// Services the host may have enabled that must not run in the container:
+/// they bind ports on the shared network or hold the dpkg lock.
+const MASKED: &[&str] = &[
+    "postgresql.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "man-db.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Format {
+    Deb,
+    Rpm,
+}
+
+#[test]
+fn deb_package_in_booted_systemd() {
+    end_to_end(Format::Deb);
+}
+
+#[test]
+fn rpm_package_in_booted_systemd() {
+    end_to_end(Format::Rpm);
+}
+
+fn end_to_end(format: Format) {
+    let started = Instant::now();
+    require_root_and_tools(format);
+    let packages = packages();
+    let package = match format {
+        Format::Deb => &packages.deb,
+        Format::Rpm => &packages.rpm,
+    };
+    let port = free_port();
+    let ct = Container::boot(format);
+
+    // Before installing: where the test wants the socket, and a per-client
+    // limit changed the documented way, with a drop-in.
+    ct.write(
+        "etc/systemd/system/tmpdisk.socket.d/port.conf",
+        &format!(
+            "[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n\
+             ListenStream={UNIX_SOCKET}\nSocketMode=0660\n"
+        ),
+    );
+    ct.write(
+        "etc/systemd/system/tmpdisk@.service.d/limits.conf",
+        &format!("[Service]\nMemoryMax={DROPIN_MEMORY_MAX}\n"),
+    );
+    let file_name = package.file_name().unwrap().to_str().unwrap();
+    fs::create_dir_all(ct.host_path("tdpkg")).unwrap();
+    fs::copy(package, ct.host_path(&format!("tdpkg/{file_name}"))).unwrap();
+    let in_ct = format!("/tdpkg/{file_name}");
+
+    install(&ct, format, &in_ct);
+    check_installed_files(&ct, format);
+    assert_eq!(
+        ct.out(&["systemctl", "is-enabled", "tmpdisk.socket"]),
+        "disabled",
+        "installing must not enable the socket"
+    );
+    assert_eq!(
+        ct.out(&["systemctl", "is-active", "tmpdisk.socket"]),
+        "inactive",
+        "installing must not start the socket"
+    );
+    check_offline_analysis(&ct);
+
+    // Configure the size in the shipped file; instances read it when they
+    // start, so no reload is needed.
+    let conf = ct.host_path("etc/tmpdisk/tmpdisk.conf");
+    let mut text = fs::read_to_string(&conf).unwrap();
+    text.push_str(&format!("TMPDISK_SIZE={}M\n", SIZE >> 20));
+    fs::write(&conf, text).unwrap();
+
+    ct.ok(&["systemctl", "enable", "--now", "tmpdisk.socket"]);
+    assert_eq!(
+        ct.out(&["systemctl", "is-active", "tmpdisk.socket"]),
+        "active"
+    );
+    let tmp_before = ct.tmp_listing();
+
+    // nbdinfo from the host.
+    let uri = format!("nbd://127.0.0.1:{port}");
+    let info = nbdinfo(&uri);
+    assert!(
+        info.contains(&format!("export-size: {SIZE} ")),
+        "nbdinfo must see the configured size {SIZE}: {info}"
+    );
+    let content = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("content: "))
+        .unwrap_or_else(|| panic!("nbdinfo shows no content line: {info}"));
+    assert!(
+        content.contains("ext4 filesystem data"),
+        "a fresh ext4 expected, nbdinfo says {content:?}"
+    );
+
+    // Two concurrent clients.
+    let mut a = Client::connect(&uri, "client A");
+    let mut b = Client::connect(&uri, "client B");
+    for c in [&a, &b] {
+        assert_eq!(c.size, SIZE, "{}: size", c.name);
+        assert_eq!(c.magic, 0xef53, "{}: ext4 superblock magic", c.name);
+    }
+    assert_ne!(
+        a.uuid, b.uuid,
+        "two clients must get two freshly made filesystems"
+    );
+    let units = wait_until("exactly two running tmpdisk@ instances", 30, || {
+        let units = ct.running_instances();
+        (units.len() == 2).then_some(units)
+    });
+    check_instances(&ct, &units);
+    check_slice(&ct);
+    assert_eq!(a.request("check"), "marker=client A", "client A's disk");
+    assert_eq!(b.request("check"), "marker=client B", "client B's disk");
+    assert_eq!(a.request("bye"), "bye");
+    assert_eq!(b.request("bye"), "bye");
+    a.wait_exit();
+    b.wait_exit();
+
+    wait_until("the tmpdisk@ instances to disappear", 30, || {
+        ct.instances().is_empty().then_some(())
+    });
+    // systemd removes an instance's private tmp directories in the
+    // background after the instance is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = ct.tmp_listing();
+        if now == tmp_before {
+            break;
+        }
+        if Instant::now() > deadline {
+            let added: Vec<_> = now.iter().filter(|p| !tmp_before.contains(p)).collect();
+            let gone: Vec<_> = tmp_before.iter().filter(|p| !now.contains(p)).collect();
+            panic!(
+                "nothing may be left in the container's /tmp and /var/tmp: new {added:?}, gone {gone:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    check_journal(&ct, 3);
+
+    // The Unix socket of the drop-in serves the same way (seen from the
+    // host through the container's root).
+    let unix_uri = format!("nbd+unix:///?socket=/proc/{}/root{UNIX_SOCKET}", ct.leader);
+    let unix_info = nbdinfo(&unix_uri);
+    assert!(
+        unix_info.contains("ext4 filesystem data"),
+        "over the Unix socket: {unix_info}"
+    );
+
+    // TLS with the certificates passed as systemd credentials.
+    let tls_uri = enable_tls(&ct, port);
+
+    // An upgrade (here: reinstalling) leaves a connected client alone.
+    let mut c = Client::connect(&tls_uri, "client C");
+    let unit = wait_until("client C's instance", 30, || {
+        let units = ct.running_instances();
+        (units.len() == 1).then(|| units[0].clone())
+    });
+    reinstall(&ct, format, &in_ct);
+    assert_eq!(c.request("check"), "marker=client C", "after the upgrade");
+    assert_eq!(ct.running_instances(), vec![unit.clone()]);
+    assert_eq!(
+        ct.out(&["systemctl", "is-active", "tmpdisk.socket"]),
+        "active"
+    );
+
+    // Removing the package ends everything.
+    remove(&ct, format);
+    let after = c.request("check");
+    assert!(
+        after.starts_with("error"),
+        "removing the package must stop the connected client's instance, the client said {after:?}"
+    );
+    c.wait_exit();
+    check_removed(&ct, format, port);
+
+    eprintln!(
+        "systemd_e2e: {format:?} passed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// --- the checks --------------------------------------------------------------
+
+/// nbdinfo's report on `uri`; it must succeed.
+fn nbdinfo(uri: &str) -> String {
+    let info = run(
+        Command::new("nbdinfo").arg(uri),
+        Duration::from_secs(60),
+        "nbdinfo",
+    );
+    assert!(info.status.success(), "nbdinfo {uri} failed: {info}");
+    info.stdout
+}
+
+/// Require TLS, with the server's certificate and key handed to the
+/// instances as systemd credentials (LoadCredential=, the README's TLS
+/// drop-in); returns the URI a client with the CA certificate uses.
+fn enable_tls(ct: &Container, port: u16) -> String {
+    let pki = ct.work.join("pki");
+    let client = pki.join("client");
+    fs::create_dir_all(&client).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = run(
+            Command::new("openssl").args(args).current_dir(&pki),
+            Duration::from_secs(60),
+            "openssl",
+        );
+        assert!(out.status.success(), "{out}");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        &[
+            &["req", "-x509", "-nodes", "-days", "2"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca-key.pem",
+                "-out",
+                "client/ca-cert.pem",
+                "-subj",
+                "/CN=tmpdisk test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req", "-nodes"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server-key.pem",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat(),
+    );
+    fs::write(
+        pki.join("san.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "client/ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server-cert.pem",
+    ]);
+    for f in ["server-cert.pem", "server-key.pem"] {
+        ct.write(
+            &format!("etc/tmpdisk/tls/{f}"),
+            &fs::read_to_string(pki.join(f)).unwrap(),
+        );
+    }
+    ct.write(
+        "etc/systemd/system/tmpdisk@.service.d/tls.conf",
+        "[Service]\n\
+         LoadCredential=server-cert.pem:/etc/tmpdisk/tls/server-cert.pem\n\
+         LoadCredential=server-key.pem:/etc/tmpdisk/tls/server-key.pem\n",
+    );
+    ct.ok(&["systemctl", "daemon-reload"]);
+    let conf = ct.host_path("etc/tmpdisk/tmpdisk.conf");
+    let mut text = fs::read_to_string(&conf).unwrap();
+    text.push_str("TMPDISK_TLS=require\n");
+    fs::write(&conf, text).unwrap();
+
+    let uri = format!(
+        "nbds://127.0.0.1:{port}/?tls-certificates={}&tls-hostname=localhost",
+        client.display()
+    );
+    let info = nbdinfo(&uri);
+    assert!(
+        info.contains("with TLS") && info.contains("ext4 filesystem data"),
+        "over TLS: {info}"
+    );
+    let plain = run(
+        Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{port}")),
+        Duration::from_secs(60),
+        "nbdinfo",
+    );
+    assert!(
+        !plain.status.success(),
+        "TMPDISK_TLS=require must refuse a plaintext client: {plain}"
+    );
+    uri
+}
+
+fn install(ct: &Container, format: Format, package: &str) {
+    match format {
+        Format::Deb => ct.ok(&["dpkg", "-i", package]),
+        // The container is Debian: e2fsprogs is there, but not in rpm's
+        // database.
+        Format::Rpm => ct.ok(&["rpm", "-i", "--nodeps", package]),
+    };
+}
+
+fn reinstall(ct: &Container, format: Format, package: &str) {
+    match format {
+        Format::Deb => ct.ok(&["dpkg", "-i", package]),
+        Format::Rpm => ct.ok(&["rpm", "-U", "--replacepkgs", "--nodeps", package]),
+    };
+}
+
+fn remove(ct: &Container, format: Format) {
+    match format {
+        Format::Deb => ct.ok(&["dpkg", "-r", "tmpdisk"]),
+        Format::Rpm => ct.ok(&["rpm", "-e", "tmpdisk"]),
+    };
+}
+
+fn check_installed_files(ct: &Container, format: Format) {
+    let zsh = match format {
+        Format::Deb => "usr/share/zsh/vendor-completions/_tmpdisk",
+        Format::Rpm => "usr/share/zsh/site-functions/_tmpdisk",
+    };
+    let mut expected = vec![
+        "usr/bin/tmpdisk",
+        "usr/lib/systemd/system/tmpdisk.socket",
+        "usr/lib/systemd/system/tmpdisk@.service",
+        "usr/lib/systemd/system/tmpdisk.slice",
+        "etc/tmpdisk/tmpdisk.conf",
+        "usr/share/man/man8/tmpdisk.8.gz",
+        "usr/share/bash-completion/completions/tmpdisk",
+        "usr/share/fish/vendor_completions.d/tmpdisk.fish",
+        zsh,
+    ];
+    if format == Format::Rpm {
+        expected.push("usr/lib/systemd/system-preset/80-tmpdisk.preset");
+    }
+    for path in expected {
+        assert!(
+            ct.host_path(path).is_file(),
+            "{format:?} package must install /{path}"
+        );
+    }
+    let docs = match format {
+        Format::Deb => ct.out(&["dpkg", "-L", "tmpdisk"]),
+        Format::Rpm => ct.out(&["rpm", "-qd", "tmpdisk"]),
+    };
+    assert!(docs.contains("README.md"), "the README is packaged: {docs}");
+    let man = ct.out(&["man", "-w", "8", "tmpdisk"]);
+    assert!(man.contains("tmpdisk.8"), "man tmpdisk(8) is found: {man}");
+    let conffiles = match format {
+        Format::Deb => ct.out(&["dpkg-query", "-W", "-f=${Conffiles}", "tmpdisk"]),
+        Format::Rpm => ct.out(&["rpm", "-qc", "tmpdisk"]),
+    };
+    assert!(
+        conffiles.contains("/etc/tmpdisk/tmpdisk.conf"),
+        "the conf file must be a config file of the package: {conffiles:?}"
+    );
+}
+
+/// `systemd-analyze verify` prints nothing (warnings count) and the
+/// template's exposure is at most 0.5.
+fn check_offline_analysis(ct: &Container) {
+    let verify = ct.run(&[
+        "systemd-analyze",
+        "verify",
+        "tmpdisk.socket",
+        "tmpdisk@0.service",
+        "tmpdisk.slice",
+    ]);
+    assert!(
+        verify.status.success() && verify.stdout.is_empty() && verify.stderr.is_empty(),
+        "systemd-analyze verify must print nothing: {verify}"
+    );
+    let security = ct.run(&[
+        "systemd-analyze",
+        "security",
+        "--offline=yes",
+        "--no-pager",
+        "tmpdisk@.service",
+    ]);
+    let score: f64 = security
+        .stdout
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for tmpdisk@"))
+        .and_then(|(_, rest)| rest.split_once(": "))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {security}"));
+    eprintln!("systemd_e2e: systemd-analyze security exposure of tmpdisk@.service: {score}");
+    assert!(
+        score <= 0.5,
+        "exposure {score} is above 0.5: {}",
+        security.stdout
+    );
+}
+
+/// Each running instance: the sandbox and limits as configured, a dynamic
+/// user, its image an unlinked file in its own private /var/tmp.
+fn check_instances(ct: &Container, units: &[String]) {
+    let mut pids = BTreeSet::new();
+    for unit in units {
+        let p = ct.show(
+            unit,
+            &[
+                "MainPID",
+                "User",
+                "DynamicUser",
+                "Type",
+                "Slice",
+                "StatusText",
+                "MemoryMax",
+                "TasksMax",
+                "CPUQuotaPerSecUSec",
+                "IOWeight",
+                "LimitFSIZE",
+                "RuntimeMaxUSec",
+                "PrivateTmp",
+                "PrivateNetwork",
+                "ProtectSystem",
+                "NoNewPrivileges",
+                "CapabilityBoundingSet",
+            ],
+        );
+        let expect = |key: &str, want: &str| {
+            assert_eq!(p[key], want, "{unit}: {key} (all: {p:?})");
+        };
+        expect("DynamicUser", "yes");
+        expect("User", "tmpdisk");
+        expect("Type", "notify");
+        expect("Slice", "tmpdisk.slice");
+        expect("MemoryMax", &DROPIN_MEMORY_MAX.to_string());
+        expect("TasksMax", "32");
+        expect("CPUQuotaPerSecUSec", "1s");
+        expect("IOWeight", "100");
+        expect("LimitFSIZE", &(64u64 << 30).to_string());
+        expect("RuntimeMaxUSec", "infinity");
+        expect("PrivateTmp", "yes");
+        expect("PrivateNetwork", "yes");
+        expect("ProtectSystem", "strict");
+        expect("NoNewPrivileges", "yes");
+        expect("CapabilityBoundingSet", "");
+        assert!(
+            p["StatusText"].starts_with("serving 127.0.0.1:"),
+            "{unit}: the STATUS= line says whom it serves: {:?}",
+            p["StatusText"]
+        );
+        let pid = &p["MainPID"];
+        assert!(pids.insert(pid.clone()), "two instances share a process");
+        let status = ct.out(&["cat", &format!("/proc/{pid}/status")]);
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+            .unwrap_or_else(|| panic!("{unit}: no Uid in {status}"));
+        assert!(
+            DYNAMIC_UIDS.contains(&uid),
+            "{unit} runs as uid {uid}, not a dynamic user"
+        );
+        // The image: an unlinked file in the instance's private /var/tmp,
+        // which is a directory of its own on the host side.
+        let fds = ct.out(&[
+            "sh",
+            "-c",
+            &format!("for f in /proc/{pid}/fd/*; do readlink $f; done"),
+        ]);
+        assert!(
+            fds.lines()
+                .any(|l| l.starts_with("/var/tmp/#") && l.ends_with("(deleted)")),
+            "{unit}: the image must be an unlinked file in /var/tmp: {fds}"
+        );
+        let private = ct.out(&[
+            "sh",
+            "-c",
+            &format!("ls -d /var/tmp/systemd-private-*-{unit}-*"),
+        ]);
+        assert_eq!(
+            private.lines().count(),
+            1,
+            "{unit}: its own private /var/tmp"
+        );
+    }
+}
+
+fn check_slice(ct: &Container) {
+    let p = ct.show(
+        "tmpdisk.slice",
+        &[
+            "MemoryMax",
+            "MemoryHigh",
+            "TasksMax",
+            "CPUWeight",
+            "IOWeight",
+        ],
+    );
+    assert_eq!(p["TasksMax"], "1024", "tmpdisk.slice: {p:?}");
+    assert_eq!(p["CPUWeight"], "50", "tmpdisk.slice: {p:?}");
+    assert_eq!(p["IOWeight"], "50", "tmpdisk.slice: {p:?}");
+    for key in ["MemoryMax", "MemoryHigh"] {
+        assert!(
+            p[key].parse::<u64>().is_ok(),
+            "tmpdisk.slice: {key} must be a limit (a share of RAM): {p:?}"
+        );
+    }
+}
+
+/// A "client served" and a "client left" record per client, with the
+/// structured fields, from the instances.
+fn check_journal(ct: &Container, clients: usize) {
+    let (served, left) = wait_until("the journal records of every client", 30, || {
+        let entries = ct.journal();
+        let of = |message: &str| -> Vec<BTreeMap<String, String>> {
+            entries
+                .iter()
+                .filter(|e| e.get("MESSAGE").map(String::as_str) == Some(message))
+                .cloned()
+                .collect()
+        };
+        let (served, left) = (of("client served"), of("client left"));
+        (served.len() >= clients && left.len() >= clients).then_some((served, left))
+    });
+    let field = |e: &BTreeMap<String, String>, name: &str| -> String {
+        // tracing-journald prefixes the fields of an event with "F_" unless
+        // told otherwise; accept both spellings.
+        e.get(name)
+            .or_else(|| e.get(&format!("F_{name}")))
+            .cloned()
+            .unwrap_or_else(|| panic!("journal record lacks {name}: {e:?}"))
+    };
+    let number = |e: &BTreeMap<String, String>, name: &str| -> u64 {
+        field(e, name)
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} is not a number: {e:?}"))
+    };
+    let mut served_peers = BTreeSet::new();
+    for e in &served {
+        assert_eq!(field(e, "SYSLOG_IDENTIFIER"), "tmpdisk");
+        assert!(field(e, "_SYSTEMD_UNIT").starts_with("tmpdisk@"), "{e:?}");
+        let uid: u32 = field(e, "_UID").parse().unwrap();
+        assert!(DYNAMIC_UIDS.contains(&uid), "logged by uid {uid}: {e:?}");
+        let peer = field(e, "PEER");
+        assert!(peer.starts_with("127.0.0.1:"), "PEER: {e:?}");
+        served_peers.insert(peer);
+        assert_eq!(number(e, "SIZE"), SIZE, "{e:?}");
+        assert_eq!(field(e, "FS_TYPE"), "ext4", "{e:?}");
+        assert_eq!(field(e, "EXPORT"), "", "{e:?}");
+        number(e, "MKFS_MS");
+        assert!(number(e, "ALLOCATED") > 0, "{e:?}");
+    }
+    let mut left_peers = BTreeSet::new();
+    let mut writers = 0;
+    for e in &left {
+        left_peers.insert(field(e, "PEER"));
+        assert_eq!(field(e, "END"), "disconnect", "{e:?}");
+        assert!(number(e, "REQUESTS") > 0, "{e:?}");
+        assert!(number(e, "BYTES_READ") > 0, "{e:?}");
+        if number(e, "BYTES_WRITTEN") >= 4096 {
+            writers += 1;
+        }
+        let seconds: f64 = field(e, "SECONDS").parse().expect("SECONDS");
+        assert!(seconds >= 0.0, "{e:?}");
+    }
+    assert_eq!(served_peers.len(), clients, "one record per client");
+    assert_eq!(served_peers, left_peers, "every client served also left");
+    assert_eq!(writers, 2, "the two clients that wrote: {left:?}");
+}
+
+fn check_removed(ct: &Container, format: Format, port: u16) {
+    wait_until("no tmpdisk@ instance after removal", 30, || {
+        ct.instances().is_empty().then_some(())
+    });
+    let active = ct.out(&["systemctl", "is-active", "tmpdisk.socket"]);
+    assert_eq!(active, "inactive", "the socket must be stopped");
+    let files = ct.out(&["systemctl", "list-unit-files", "--no-legend", "tmpdisk*"]);
+    assert_eq!(files, "", "the unit files must be gone");
+    for path in [
+        "usr/lib/systemd/system/tmpdisk.socket",
+        "usr/lib/systemd/system/tmpdisk@.service",
+        "usr/lib/systemd/system/tmpdisk.slice",
+        "usr/bin/tmpdisk",
+        "etc/systemd/system/sockets.target.wants/tmpdisk.socket",
+    ] {
+        assert!(
+            !ct.host_path(path).exists(),
+            "/{path} must be gone after removal"
+        );
+    }
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing may listen on port {port} after removal"
+    );
+    match format {
+        Format::Deb => {
+            // Removal keeps the configuration; purge deletes it, but not
+            // what the admin added (the TLS certificates).
+            assert!(ct.host_path("etc/tmpdisk/tmpdisk.conf").exists());
+            ct.ok(&["dpkg", "--purge", "tmpdisk"]);
+            assert!(
+                !ct.host_path("etc/tmpdisk/tmpdisk.conf").exists(),
+                "purge must remove /etc/tmpdisk/tmpdisk.conf"
+            );
+            assert!(ct.host_path("etc/tmpdisk/tls/server-key.pem").exists());
+        }
+        Format::Rpm => {
+            // rpm keeps a changed config file as .rpmsave.
+            assert!(!ct.host_path("etc/tmpdisk/tmpdisk.conf").exists());
+            assert!(ct.host_path("etc/tmpdisk/tmpdisk.conf.rpmsave").exists());
+        }
+    }
+}
+
+// --- tools -------------------------------------------------------------------
+
+fn require_root_and_tools(format: Format) {
+    assert!(
+        fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
+        "the systemd end-to-end tests need root (systemd-nspawn, overlay mounts, cgroups): run tests/run as root"
+    );
+    let mut tools = vec![
+        ("systemd-nspawn", "systemd-container"),
+        ("systemd-analyze", "systemd"),
+        ("nsenter", "util-linux"),
+        ("nbdinfo", "libnbd-bin"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("openssl", "openssl"),
+        ("python3", "python3"),
+        // systemd-analyze verify checks Documentation=man:tmpdisk(8) with man.
+        ("man", "man-db"),
+    ];
+    match format {
+        Format::Deb => tools.push(("dpkg", "dpkg")),
+        Format::Rpm => tools.extend([("rpm", "rpm"), ("rpmbuild", "rpm")]),
+    }
+    let mut missing = Vec::new();
+    for (tool, package) in tools {
+        if find_tool(tool).is_none() {
+            missing.push(format!("{tool} (Debian package {package})"));
+        }
+    }
+    let nbd = Command::new(PYTHON).args(["-c", "import nbd"]).output();
+    if !nbd.is_ok_and(|o| o.status.success()) {
+        missing.push(format!(
+            "the nbd module of {PYTHON} (Debian package python3-libnbd)"
+        ));
+    }
+    assert!(
+        missing.is_empty(),
+        "missing for the systemd end-to-end test: {}; install them (tests/run does, as root)",
+        missing.join(", ")
+    );
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+// --- the packages, built once per test run -------------------------------------
+
+struct Packages {
+    deb: PathBuf,
+    rpm: PathBuf,
+}
+
+fn packages() -> &'static Packages {
+    static PACKAGES: OnceLock<Result<Packages, String>> = OnceLock::new();
+    PACKAGES
+        .get_or_init(build_packages)
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn build_packages() -> Result<Packages, String> {
+    // A directory of this process's own under target/tmp; ones left by
+    // earlier runs go (their process is gone).
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    if let Ok(entries) = fs::read_dir(base) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("systemd-e2e-packages-")
+                && !Path::new("/proc").join(pid).exists()
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    let out = base.join(format!("systemd-e2e-packages-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&out);
+    let started = Instant::now();
+    // Without --no-build: cargo finds the binary and the gen-assets example
+    // up to date (cargo test built them) or builds what is missing.
+    let mut cmd = Command::new(format!("{REPO}/packaging/build-packages"));
+    cmd.arg("--out").arg(&out);
+    // Not the variables cargo set for this test: build scripts that watch
+    // them (ring's watches CARGO_MANIFEST_DIR) would make the nested cargo
+    // rebuild, and the next plain cargo build rebuild again.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_ref())
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    let built = run(
+        &mut cmd,
+        Duration::from_secs(600),
+        "packaging/build-packages",
+    );
+    if !built.status.success() {
+        return Err(format!("packaging/build-packages failed: {built}"));
+    }
+    eprintln!(
+        "systemd_e2e: packages built in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let lines: Vec<&str> = built.stdout.lines().collect();
+    let find = |suffix: &str| {
+        lines
+            .iter()
+            .find(|l| l.ends_with(suffix))
+            .map(PathBuf::from)
+            .filter(|p| p.is_file())
+            .ok_or_else(|| format!("build-packages printed no {suffix} file: {built}"))
+    };
+    Ok(Packages {
+        deb: find(".deb")?,
+        rpm: find(".rpm")?,
+    })
+}
+
+// --- systemd as PID 1 in systemd-nspawn -------------------------------------
+
+/// A booted container on an overlay of `/`, torn down on drop however the
+/// test ends: poweroff (then SIGKILL), unmount, cgroups and files removed.
+struct Container {
+    name: String,
+    work: PathBuf,
+    root: PathBuf,
+    mounted: bool,
+    cgroups: Vec<PathBuf>,
+    nspawn: Option<Child>,
+    /// The container's PID 1, as the host sees it.
+    leader: u32,
+}
+
+impl Container {
+    fn boot(format: Format) -> Container {
+        let tag = format!("{format:?}").to_lowercase();
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        let name = format!("tde2e-{tag}-{unique}");
+        let work = std::env::temp_dir().join(&name);
+        let mut ct = Container {
+            name: name.clone(),
+            root: work.join("root"),
+            work,
+            mounted: false,
+            cgroups: Vec::new(),
+            nspawn: None,
+            leader: 0,
+        };
+        for d in ["upper", "work", "root"] {
+            fs::create_dir_all(ct.work.join(d)).unwrap();
+        }
+        let options = format!(
+            "lowerdir=/,upperdir={},workdir={}",
+            ct.work.join("upper").display(),
+            ct.work.join("work").display()
+        );
+        let mount = run(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o", &options])
+                .arg(&ct.root),
+            Duration::from_secs(30),
+            "mount",
+        );
+        assert!(mount.status.success(), "overlay mount failed: {mount}");
+        ct.mounted = true;
+
+        // nspawn runs in a cgroup of its own (in both hierarchies of this
+        // host), so whatever it leaves behind is easy to find and kill.
+        for hierarchy in ["systemd", "unified"] {
+            let cg = Path::new("/sys/fs/cgroup").join(hierarchy).join(&name);
+            if cg.parent().is_some_and(Path::is_dir) {
+                fs::create_dir_all(&cg).unwrap();
+                ct.cgroups.push(cg);
+            }
+        }
+        let mut script = String::new();
+        for cg in &ct.cgroups {
+            script.push_str(&format!("echo $$ > {}/cgroup.procs && ", cg.display()));
+        }
+        script.push_str("exec systemd-nspawn \"$@\"");
+        let masks: Vec<String> = MASKED.iter().map(|u| format!("systemd.mask={u}")).collect();
+        let console = fs::File::create(ct.work.join("console.log")).unwrap();
+        let child = Command::new("/bin/sh")
+            .args(["-c", &script, "sh"])
+            .args(["--quiet", "-D"])
+            .arg(&ct.root)
+            .args(["-M", &name, "--register=no", "--keep-unit"])
+            .args(["--console=passive", "--boot", "--"])
+            .arg("systemd.firstboot=off")
+            .args(&masks)
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console)
+            .spawn()
+            .expect("cannot run systemd-nspawn");
+        let nspawn_pid = child.id();
+        ct.nspawn = Some(child);
+
+        ct.leader = wait_until("the container's systemd to start", 30, || {
+            if let Some(Ok(Some(st))) = ct.nspawn.as_mut().map(Child::try_wait) {
+                panic!("systemd-nspawn exited ({st}) during boot: {}", ct.console());
+            }
+            let children =
+                fs::read_to_string(format!("/proc/{nspawn_pid}/task/{nspawn_pid}/children"))
+                    .unwrap_or_default();
+            children.split_whitespace().find_map(|c| {
+                let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+                (comm.trim() == "systemd").then(|| c.parse().unwrap())
+            })
+        });
+        let state = wait_until("the container to finish booting", 60, || {
+            let out = ct.run_for(
+                &["systemctl", "is-system-running", "--wait"],
+                Duration::from_secs(30),
+            );
+            let state = out.stdout.trim().to_string();
+            matches!(state.as_str(), "running" | "degraded").then_some(state)
+        });
+        if state == "degraded" {
+            let failed = ct.out(&["systemctl", "--failed", "--no-legend", "--plain"]);
+            eprintln!("systemd_e2e: container degraded (not our units): {failed}");
+        }
+        ct
+    }
+
+    /// A path of the container's filesystem, seen from the host.
+    fn host_path(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    fn write(&self, path: &str, text: &str) {
+        let p = self.host_path(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    fn console(&self) -> String {
+        fs::read_to_string(self.work.join("console.log")).unwrap_or_default()
+    }
+
+    fn run_for(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.leader.to_string(), "-a", "--"])
+            .args(args)
+            .env("SYSTEMD_PAGER", "")
+            .env("SYSTEMD_COLORS", "0")
+            .env("LC_ALL", "C.UTF-8");
+        run(&mut cmd, timeout, &args.join(" "))
+    }
+
+    /// Run a command in the container (60 s at most).
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_for(args, Duration::from_secs(60))
+    }
+
+    /// Run a command in the container; it must succeed.
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(out.status.success(), "in the container: {out}");
+        out
+    }
+
+    /// A command's trimmed stdout, whatever its exit status.
+    fn out(&self, args: &[&str]) -> String {
+        self.run(args).stdout.trim().to_string()
+    }
+
+    fn show(&self, unit: &str, props: &[&str]) -> BTreeMap<String, String> {
+        let out = self.ok(&["systemctl", "show", unit, "-p", &props.join(",")]);
+        let map: BTreeMap<String, String> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for p in props {
+            assert!(
+                map.contains_key(*p),
+                "systemctl show {unit}: no {p}: {map:?}"
+            );
+        }
+        map
+    }
+
+    /// Loaded tmpdisk@ instances, whatever their state.
+    fn instances(&self) -> Vec<String> {
+        self.units(&["--all"])
+    }
+
+    fn running_instances(&self) -> Vec<String> {
+        self.units(&["--state=running"])
+    }
+
+    fn units(&self, filter: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "systemctl",
+            "list-units",
+            "--type=service",
+            "--no-legend",
+            "--plain",
+        ];
+        args.extend_from_slice(filter);
+        args.push("tmpdisk@*");
+        self.ok(&args)
+            .stdout
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Everything in the container's /tmp (a tmpfs of its own) and what the
+    /// container has put in /var/tmp (the overlay's upper layer: the host's
+    /// own /var/tmp, which other processes use, is not ours to judge).
+    fn tmp_listing(&self) -> Vec<String> {
+        let mut all: BTreeSet<String> = self
+            .ok(&["find", "/tmp", "-xdev"])
+            .stdout
+            .lines()
+            .map(str::to_string)
+            .collect();
+        fn walk(dir: &Path, shown: &Path, all: &mut BTreeSet<String>) {
+            all.insert(shown.display().to_string());
+            if let Ok(entries) = fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let shown = shown.join(e.file_name());
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk(&e.path(), &shown, all);
+                    } else {
+                        all.insert(shown.display().to_string());
+                    }
+                }
+            }
+        }
+        walk(
+            &self.work.join("upper/var/tmp"),
+            Path::new("/var/tmp"),
+            &mut all,
+        );
+        all.into_iter().collect()
+    }
+
+    /// The journal records tmpdisk wrote, as field maps.
+    fn journal(&self) -> Vec<BTreeMap<String, String>> {
+        let out = self.ok(&["journalctl", "-t", "tmpdisk", "-o", "export", "--no-pager"]);
+        out.stdout
+            .split("\n\n")
+            .map(|entry| {
+                entry
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .filter(|e| !e.is_empty())
+            .collect()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if thread::panicking() && self.leader != 0 {
+            // What the instances said, for the failure report.
+            let journal = self.run_for(
+                &["journalctl", "--no-pager", "-n", "60", "-u", "tmpdisk*"],
+                Duration::from_secs(10),
+            );
+            eprintln!(
+                "systemd_e2e: container {}: journalctl -u 'tmpdisk*':\n{}",
+                self.name, journal.stdout
+            );
+        }
+        if let Some(mut nspawn) = self.nspawn.take() {
+            // SIGTERM: nspawn powers the container off.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(nspawn.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            if !wait_child(&mut nspawn, Duration::from_secs(20)) {
+                let _ = nspawn.kill();
+                let _ = nspawn.wait();
+            }
+        }
+        // Whatever is still in the cgroups (nothing, after a clean
+        // poweroff) is killed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pids = cgroup_pids(&self.cgroups);
+            if pids.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        for cg in &self.cgroups {
+            remove_cgroup(cg);
+        }
+        if self.mounted {
+            let umount = Command::new("umount").arg(&self.root).status();
+            if !umount.is_ok_and(|s| s.success()) {
+                let _ = Command::new("umount").arg("-l").arg(&self.root).status();
+            }
+        }
+        if thread::panicking() {
+            let console = self.console();
+            let tail: Vec<&str> = console.lines().rev().take(15).collect();
+            eprintln!(
+                "systemd_e2e: container {}: end of the console:\n{}",
+                self.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+fn cgroup_pids(cgroups: &[PathBuf]) -> Vec<i32> {
+    fn walk(dir: &Path, pids: &mut Vec<i32>) {
+        if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), pids);
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    for cg in cgroups {
+        walk(cg, &mut pids);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Remove a cgroup directory and its children, deepest first.
+fn remove_cgroup(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+// --- a libnbd client on the host, held open ------------------------------------
+
+/// Connects, checks the superblock, writes its name at 64 MiB, says
+/// "ready ...", then answers commands on stdin: "check" reads the marker
+/// back, "bye" disconnects.
+const CLIENT: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR
+h.connect_uri(sys.argv[1])
+sb = h.pread(1024, 1024)
+marker = sys.argv[2].encode()
+h.pwrite(marker.ljust(4096, b"\0"), 64 << 20)
+print("ready size=%d magic=%#x uuid=%s" % (h.get_size(), sb[0x38] | sb[0x39] << 8, sb[0x68:0x78].hex()), flush=True)
+for line in sys.stdin:
+    try:
+        if line.strip() == "check":
+            print("marker=" + bytes(h.pread(4096, 64 << 20)).rstrip(b"\0").decode(), flush=True)
+        elif line.strip() == "bye":
+            h.shutdown()
+            print("bye", flush=True)
+            break
+    except nbd.Error as e:
+        print("error: %s" % e, flush=True)
+        break
+"#;
+
+struct Client {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    size: u64,
+    magic: u32,
+    uuid: String,
+}
+
+impl Client {
+    fn connect(uri: &str, name: &str) -> Client {
+        let mut child = Command::new(PYTHON)
+            .args(["-c", CLIENT, uri, name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot run python3");
+        let stdin = child.stdin.take();
+        let lines = line_channel(child.stdout.take().unwrap());
+        let mut c = Client {
+            name: name.to_string(),
+            child,
+            stdin,
+            lines,
+            size: 0,
+            magic: 0,
+            uuid: String::new(),
+        };
+        let ready = c.line(Duration::from_secs(60));
+        let fields: BTreeMap<&str, &str> = ready
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("{name}: {ready:?}"))
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        c.size = fields["size"].parse().unwrap();
+        c.magic = u32::from_str_radix(fields["magic"].trim_start_matches("0x"), 16).unwrap();
+        c.uuid = fields["uuid"].to_string();
+        c
+    }
+
+    fn line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("{}: no answer within {timeout:?}", self.name)
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let st = self.child.wait();
+                panic!(
+                    "{}: the client exited ({st:?}) without answering",
+                    self.name
+                )
+            }
+        }
+    }
+
+    fn request(&mut self, command: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        self.line(Duration::from_secs(30))
+    }
+
+    fn wait_exit(&mut self) {
+        self.stdin = None;
+        assert!(
+            wait_child(&mut self.child, Duration::from_secs(30)),
+            "{} did not exit",
+            self.name
+        );
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn line_channel<R: Read + Send + 'static>(r: R) -> Receiver<String> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+// --- processes with deadlines ---------------------------------------------------
+
+struct Output {
+    what: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` {}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.what, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run a command to completion within `timeout` (killed and a failure
+/// after it), collecting its output.
+fn run(cmd: &mut Command, timeout: Duration, what: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let collect = |r: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    if !wait_child(&mut child, timeout) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "`{what}` did not finish within {} s; stdout: {} stderr: {}",
+            timeout.as_secs(),
+            out.join().unwrap(),
+            err.join().unwrap()
+        );
+    }
+    Output {
+        what: what.to_string(),
+        status: child.wait().unwrap(),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Wait for a child to exit; false if it is still running at the deadline.
+fn wait_child(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) if Instant::now() >= deadline => return false,
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Poll `f` until it returns Some, for at most `secs` seconds.
+fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
