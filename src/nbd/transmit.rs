@@ -130,26 +130,23 @@ struct Transmission<'a, C> {
 
 impl<C: Channel> Transmission<'_, C> {
     fn next_request(&mut self) -> Result<Option<Request>, Hangup> {
-        let decoded = if self.replies == Replies::Extended {
-            let mut h = [0u8; EXTENDED_REQUEST_LEN];
-            if !self
-                .s
-                .read_message(&mut h)
-                .map_err(|e| Hangup::from_io(e, true))?
-            {
-                return Ok(None);
-            }
-            Request::decode_extended(&h)
+        let extended = self.replies == Replies::Extended;
+        let len = if extended {
+            EXTENDED_REQUEST_LEN
         } else {
-            let mut h = [0u8; COMPACT_REQUEST_LEN];
-            if !self
-                .s
-                .read_message(&mut h)
-                .map_err(|e| Hangup::from_io(e, true))?
-            {
-                return Ok(None);
-            }
-            Request::decode_compact(&h)
+            COMPACT_REQUEST_LEN
+        };
+        let mut h = [0u8; EXTENDED_REQUEST_LEN];
+        if !self
+            .s
+            .read_message(&mut h[..len])
+            .map_err(|e| Hangup::from_io(e, true))?
+        {
+            return Ok(None);
+        }
+        let decoded = match h.first_chunk() {
+            Some(compact) if !extended => Request::decode_compact(compact),
+            _ => Request::decode_extended(&h),
         };
         decoded
             .map(Some)
