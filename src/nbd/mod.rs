@@ -2,6 +2,7 @@
 //! everything runs over a `Read + Write` stream and an [`crate::image::Image`].
 #![forbid(unsafe_code)]
 
+pub mod buf;
 pub mod error;
 pub mod negotiate;
 pub mod stream;

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use std::os::fd::AsFd;
 
+use super::buf::PageBuf;
 use super::error::{Hangup, ReplyError};
 use super::negotiate::{Negotiated, Replies};
 use super::stream::{Channel, Received, Stream, ZERO_COPY_MIN};
@@ -57,6 +58,7 @@ pub fn serve<C: Channel>(
             replies: n.replies,
             base_allocation: n.base_allocation,
         },
+        data: PageBuf::default(),
         buf: Vec::new(),
         extents: Vec::new(),
         stats,
@@ -122,7 +124,10 @@ struct Transmission<'a, C> {
     image: &'a Image,
     replies: Replies,
     limits: Limits,
-    /// Reused for every read and write payload: no per-request allocation.
+    /// Reused for every read and write payload: no per-request allocation,
+    /// and page-aligned for fast copies.
+    data: PageBuf,
+    /// Reused for zeroes and block-status replies.
     buf: Vec<u8>,
     extents: Vec<Extent>,
     stats: &'a mut Stats,
@@ -171,14 +176,11 @@ impl<C: Channel> Transmission<'_, C> {
             }
             // Simple reply: the header may only go out once the data is in
             // hand, because an error after it cannot be reported.
-            self.buf.resize(len, 0);
-            if let Err(e) = self.image.read_at(&mut self.buf, req.offset) {
+            let data = self.data.get(0, len);
+            if let Err(e) = self.image.read_at(data, req.offset) {
                 return self.reply_error(req, &ReplyError::from_io("read", &e));
             }
-            return self
-                .s
-                .send(&h, &self.buf)
-                .map_err(|e| Hangup::from_io(e, false));
+            return self.s.send(&h, data).map_err(|e| Hangup::from_io(e, false));
         }
         self.extents.clear();
         if df {
@@ -239,16 +241,16 @@ impl<C: Channel> Transmission<'_, C> {
         }
         // Room for the offset in front of the data, so the chunk's payload
         // is one contiguous slice.
-        self.buf.resize(8 + len, 0);
-        self.buf[..8].copy_from_slice(&off);
-        if let Err(e) = self.image.read_at(&mut self.buf[8..], x.offset) {
+        let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
+        let payload = self.data.get(8, len);
+        payload[..8].copy_from_slice(&off);
+        if let Err(e) = self.image.read_at(&mut payload[8..], x.offset) {
             let err = ReplyError::from_io("read", &e);
             self.reply_error_at(req, &err, x.offset)?;
             return Ok(false);
         }
-        let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
         self.s
-            .send(&h[..hl], &self.buf)
+            .send(&h[..hl], payload)
             .map_err(|e| Hangup::from_io(e, false))?;
         Ok(true)
     }
@@ -269,14 +271,14 @@ impl<C: Channel> Transmission<'_, C> {
                 return self.reply(req, r);
             }
         }
-        self.buf.resize(len, 0);
+        let data = self.data.get(0, len);
         self.s
-            .read_exact(&mut self.buf)
+            .read_exact(data)
             .map_err(|e| Hangup::from_io(e, true))?;
         self.stats.bytes_written += req.length;
         let r = self
             .image
-            .write_at(&self.buf, req.offset)
+            .write_at(data, req.offset)
             .map_err(|e| ReplyError::from_io("write", &e));
         self.reply(req, r)
     }
