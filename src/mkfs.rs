@@ -20,6 +20,9 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::Pid;
 
 use crate::cli::FsSpec;
 use crate::image::Image;
@@ -69,19 +72,75 @@ pub fn run(image: &Image, spec: &FsSpec, timeout: Option<Duration>) -> Result<()
         .stderr(Stdio::piped())
         .process_group(0);
     sys::prepare_child(&mut cmd, image.as_fd(), IMAGE_FD, Some(&NO_SYNC));
+    let stop = StopSignals::catch().map_err(|e| MkfsError(format!("{what}: {e}")))?;
     let mut child = cmd
         .spawn()
         .map_err(|e| MkfsError(format!("cannot run {what}: {e}")))?;
-    let outcome = wait(&mut child, timeout);
-    let (status, stderr) = outcome.map_err(|e| MkfsError(format!("{what}: {e}")))?;
+    let outcome = wait(&mut child, timeout, &stop);
+    let (ended, stderr) = outcome.map_err(|e| MkfsError(format!("{what}: {e}")))?;
     let said = summarize(&stderr);
-    match status {
-        Some(st) if st.success() => Ok(()),
-        Some(st) => Err(MkfsError(format!("{what} {}{said}", describe(st)))),
-        None => Err(MkfsError(format!(
+    match ended {
+        Ended::Exited(st) if st.success() => Ok(()),
+        Ended::Exited(st) => Err(MkfsError(format!("{what} {}{said}", describe(st)))),
+        Ended::TimedOut => Err(MkfsError(format!(
             "{what} did not finish within {} s and was killed{said}",
             timeout.map_or(0, |t| t.as_secs())
         ))),
+        Ended::Stopped(sig) => {
+            // We were told to stop: the child's group is dead, now we
+            // stop the way the signal asked.
+            tracing::info!(signal = sig.as_str(), "stopping during {what}");
+            drop(stop);
+            let _ = nix::sys::signal::raise(sig);
+            std::process::exit(128 + sig as i32);
+        }
+    }
+}
+
+/// How waiting for the child ended.
+enum Ended {
+    Exited(ExitStatus),
+    /// Past the setup timeout; the child's group was killed.
+    TimedOut,
+    /// A stop signal arrived for us; the child's group was killed.
+    Stopped(Signal),
+}
+
+/// While a child runs, the signals that stop us (SIGTERM from systemd or
+/// our listener, SIGINT, SIGHUP) are blocked and read from a signalfd, so
+/// that the child's whole process group is killed before we go: PDEATHSIG
+/// reaches only the child itself, not what a command started. The mask is
+/// restored on drop (children reset theirs before exec).
+struct StopSignals {
+    fd: SignalFd,
+    old: SigSet,
+}
+
+impl StopSignals {
+    fn catch() -> io::Result<Self> {
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            set.add(s);
+        }
+        let old = set.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .inspect_err(|_| {
+                let _ = old.thread_set_mask();
+            })?;
+        Ok(StopSignals { fd, old })
+    }
+
+    fn received(&self) -> Option<Signal> {
+        match self.fd.read_signal() {
+            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        let _ = self.old.thread_set_mask();
     }
 }
 
@@ -187,7 +246,8 @@ fn package_for(fs_type: &str) -> String {
 fn wait(
     child: &mut std::process::Child,
     timeout: Option<Duration>,
-) -> io::Result<(Option<ExitStatus>, Vec<u8>)> {
+    stop: &StopSignals,
+) -> io::Result<(Ended, Vec<u8>)> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut stderr = child.stderr.take();
     let pidfd = sys::pidfd_open(child.id())?;
@@ -196,22 +256,21 @@ fn wait(
     let mut exited = false;
     while !exited {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if left == Some(Duration::ZERO) {
-            // Kill the whole group: a command may have started others.
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            child.wait()?;
-            return Ok((None, kept));
+        let stopped = stop.received();
+        if left == Some(Duration::ZERO) || stopped.is_some() {
+            reap(child)?;
+            return Ok((stopped.map_or(Ended::TimedOut, Ended::Stopped), kept));
         }
-        let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.fd.as_fd(), PollFlags::POLLIN),
+        ];
         if let Some(e) = &stderr {
             fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
         }
         sys::poll_fds(&mut fds, left)?;
         exited = fds[0].any().unwrap_or(false);
-        let err_ready = fds.get(1).is_some_and(|f| f.any().unwrap_or(false));
+        let err_ready = fds.get(2).is_some_and(|f| f.any().unwrap_or(false));
         drop(fds);
         if err_ready && !read_some(&mut stderr, &mut kept, &mut chunk) {
             stderr = None;
@@ -226,7 +285,18 @@ fn wait(
             break;
         }
     }
-    Ok((Some(child.wait()?), kept))
+    Ok((Ended::Exited(reap(child)?), kept))
+}
+
+/// Kill the child's whole process group, then collect the child. Whatever
+/// it started and left behind (a command's background job) must not
+/// outlive setup: it could hold the image open or keep running under our
+/// name. The group is killed before the child is reaped, while its zombie
+/// still holds the group's id, so the id cannot meanwhile name another
+/// group.
+fn reap(child: &mut std::process::Child) -> io::Result<ExitStatus> {
+    let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+    child.wait()
 }
 
 /// Read once from the pipe into `kept` (bounded). False at EOF or error.
@@ -258,16 +328,25 @@ fn describe(st: ExitStatus) -> String {
 }
 
 /// The child's stderr as one line to append to a message: ": what it said".
+/// A usage text after the reason (mkfs.xfs prints 1.5 KB of it) is left
+/// out: the reason is what the client needs.
 fn summarize(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
+        .take_while(|l| !l.to_ascii_lowercase().starts_with("usage:"))
         .collect();
-    if lines.is_empty() {
-        return String::new();
-    }
+    let lines = match (
+        lines.is_empty(),
+        text.lines().map(str::trim).find(|l| !l.is_empty()),
+    ) {
+        (true, None) => return String::new(),
+        // Nothing but usage: then the first line is all there is.
+        (true, Some(first)) => vec![first],
+        (false, _) => lines,
+    };
     let mut joined = lines.join(" / ");
     if joined.len() > 3000 {
         let mut end = 3000;
@@ -376,5 +455,9 @@ mod tests {
     fn stderr_is_summarized_on_one_line() {
         assert_eq!(summarize(b""), "");
         assert_eq!(summarize(b"bad\n\n  worse \n"), ": bad / worse");
+        assert_eq!(
+            summarize(b"Filesystem must be larger than 300MB.\nUsage: mkfs.xfs\n/* blocksize */\n"),
+            ": Filesystem must be larger than 300MB."
+        );
     }
 }

@@ -163,6 +163,7 @@ fn transmission<T: Transport>(
         bytes_read = stats.bytes_read,
         bytes_written = stats.bytes_written,
         requests = stats.requests,
+        disk_errors = stats.disk_errors,
         seconds = format!("{seconds:.3}"),
         end = %how,
         "client left"

@@ -128,8 +128,9 @@ pub fn prepare_child(
     let src = image.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec, so it only makes
-    // async-signal-safe calls (dup2, fcntl, prctl, getppid, _exit) on
-    // integers and on a `'static` filter program; it allocates nothing.
+    // async-signal-safe calls (dup2, fcntl, close_range, sigprocmask,
+    // prctl, getppid, _exit) on integers, a stack sigset and a `'static`
+    // filter program; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if src == target {
@@ -141,6 +142,13 @@ pub fn prepare_child(
                 return Err(io::Error::last_os_error());
             }
             close_from(target + 1);
+            // Children inherit the signal mask, and we block stop signals
+            // while waiting for this one (see mkfs::StopSignals).
+            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(empty.as_mut_ptr());
+            if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
                 return Err(io::Error::last_os_error());
             }

@@ -258,7 +258,7 @@ fn require_mode_refuses_plaintext_clients() {
     require(&["nbdinfo"]);
     let dir = TestDir::new("tls-require");
     let pki = pki(&dir);
-    let mut server = Server::start(
+    let server = Server::start(
         &dir,
         Mode::Tcp,
         &[
@@ -294,7 +294,7 @@ fn tls_on_serves_both_plaintext_and_tls() {
     require(&["nbdinfo"]);
     let dir = TestDir::new("tls-on");
     let pki = pki(&dir);
-    let mut server = Server::start(
+    let server = Server::start(
         &dir,
         Mode::Tcp,
         &["--tls", "on", "--tls-certificates", s(&pki.server), "64M"],

@@ -75,6 +75,9 @@ pub struct ReplyError {
     pub errno: u32,
     /// What went wrong, for the log and for structured error chunks.
     pub message: String,
+    /// The disk failed (ENOSPC, EIO...), as opposed to the client asking
+    /// for something wrong: worth telling the operator.
+    pub disk: bool,
 }
 
 impl ReplyError {
@@ -82,13 +85,18 @@ impl ReplyError {
         ReplyError {
             errno,
             message: message.into(),
+            disk: false,
         }
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(wire::EINVAL, message)
     }
+    /// A failed operation on the disk.
     pub fn from_io(what: &str, e: &io::Error) -> Self {
-        Self::new(nbd_errno(e), format!("{what}: {e}"))
+        ReplyError {
+            disk: true,
+            ..Self::new(nbd_errno(e), format!("{what}: {e}"))
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! structured replies an unallocated range goes out as an OFFSET_HOLE chunk
 //! of 12 bytes instead of its zeroes.
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use std::os::fd::AsFd;
 
@@ -31,6 +31,8 @@ pub struct Stats {
     pub bytes_read: u64,
     /// Bytes the client wrote to the disk.
     pub bytes_written: u64,
+    /// Requests the disk failed (ENOSPC when the tmpdir is full...).
+    pub disk_errors: u64,
 }
 
 /// How the session ended without an error.
@@ -400,6 +402,19 @@ impl<C: Channel> Transmission<'_, C> {
         e: &ReplyError,
         offset: Option<u64>,
     ) -> Result<(), Hangup> {
+        if e.disk {
+            // The operator hears about the first one; the rest are counted
+            // in the disconnect line (a client hammering a full disk must
+            // not flood the log).
+            if self.stats.disk_errors == 0 {
+                warn!(
+                    command = command_name(req.command),
+                    message = %e.message,
+                    "the disk failed a request; later failures are counted"
+                );
+            }
+            self.stats.disk_errors += 1;
+        }
         debug!(
             command = command_name(req.command),
             offset = req.offset,

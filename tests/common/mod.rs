@@ -58,6 +58,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("fsck.vfat", "dosfstools"),
     ("blkid", "util-linux"),
     ("systemd-socket-activate", "systemd"),
+    ("bindfs", "bindfs"),
 ];
 
 /// Where a tool is found: PATH, then /usr/sbin and /sbin (where the mkfs
@@ -210,6 +211,35 @@ impl Proc {
     /// Spawns with a pipe on stdin (see [`Proc::send`]).
     pub fn spawn_with_stdin(name: &str, cmd: Command) -> Proc {
         Self::spawn_inner(name, cmd, true)
+    }
+
+    /// Spawns with stdin and stdout both on `fd` (one end of a socket
+    /// pair: `tmpdisk --stdio`), stderr collected; [`Proc::stdout`] stays
+    /// empty.
+    pub fn spawn_on(name: &str, mut cmd: Command, fd: std::os::fd::OwnedFd) -> Proc {
+        let out = fd.try_clone().expect("dup");
+        cmd.stdin(Stdio::from(fd))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name} ({cmd:?}): {e}"));
+        // `cmd` holds our copies of the socket: the child must be its only
+        // holder, or it never sees the client hang up.
+        drop(cmd);
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![collect(child.stderr.take().unwrap(), stderr.clone())];
+        Proc {
+            name: name.to_string(),
+            stdin: None,
+            child,
+            status: None,
+            stdout,
+            stderr,
+            readers,
+        }
     }
 
     fn spawn_inner(name: &str, mut cmd: Command, piped_stdin: bool) -> Proc {
@@ -428,6 +458,15 @@ pub fn cmd<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> Command {
 pub fn tmpdisk_cmd<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut c = Command::new(TMPDISK);
     c.args(args);
+    clean_env(&mut c);
+    c
+}
+
+/// `WRAPPER... tmpdisk ARGS` (e.g. `setpriv --reuid=nobody ...`) with the
+/// same clean environment as [`tmpdisk_cmd`].
+pub fn wrapped_tmpdisk_cmd<S: AsRef<std::ffi::OsStr>>(wrapper: &[&str], args: &[S]) -> Command {
+    let mut c = cmd(wrapper[0], &wrapper[1..]);
+    c.arg(TMPDISK).args(args);
     clean_env(&mut c);
     c
 }
@@ -877,4 +916,183 @@ pub fn assert_one_line(s: &str, what: &str) {
         "{what}: expected exactly one line on stderr, got {}:\n{s}",
         lines.len()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Root-only fixtures and a closer look at processes (tests/faults.rs)
+
+/// Fails (never skips) a test that needs root, saying why.
+pub fn require_root(why: &str) {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test must run as root ({why}); CI runs as root: run tests/run as root"
+    );
+}
+
+/// A filesystem mounted for one test, unmounted on drop (lazily if busy).
+pub struct Mount {
+    path: PathBuf,
+}
+
+impl Mount {
+    /// A tmpfs of `mib` MiB at `path` (created if needed).
+    pub fn tmpfs(path: &Path, mib: u64) -> Mount {
+        fs::create_dir_all(path).unwrap();
+        let opts = format!("size={mib}m,mode=0755");
+        run_ok(
+            "mount tmpfs",
+            cmd(
+                "mount",
+                &["-t", "tmpfs", "-o", &opts, "tmpfs", path.to_str().unwrap()],
+            ),
+        );
+        Mount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// `bindfs SOURCE PATH`: a FUSE view of `source` at `path`. FUSE
+    /// filesystems like it have no O_TMPFILE.
+    pub fn bindfs(source: &Path, path: &Path) -> Mount {
+        fs::create_dir_all(source).unwrap();
+        fs::create_dir_all(path).unwrap();
+        run_ok(
+            "bindfs",
+            cmd(
+                "bindfs",
+                &[source.to_str().unwrap(), path.to_str().unwrap()],
+            ),
+        );
+        Mount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes available to unprivileged users, as statvfs says.
+    pub fn free(&self) -> u64 {
+        let out = run_ok(
+            "stat -f",
+            cmd("stat", &["-f", "-c", "%a %S", self.path.to_str().unwrap()]),
+        );
+        let v: Vec<u64> = out
+            .stdout
+            .split_whitespace()
+            .map(|x| x.parse().unwrap())
+            .collect();
+        v[0] * v[1]
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let p = self.path.to_str().unwrap().to_string();
+        let ok = Command::new("umount")
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").args(["-l", &p]).status();
+        }
+    }
+}
+
+/// The fields of /proc/PID/stat after the command name, from the state on
+/// (field 3 of proc(5) is index 0).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(rest.split(' ').map(str::to_string).collect())
+}
+
+/// User + system CPU time of a process, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A line's value from /proc/PID/status ("NoNewPrivs", "Seccomp", "VmRSS").
+pub fn proc_status(pid: u32, key: &str) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status(pid, "VmRSS")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    matches!(proc_stat(pid), Some((_, s)) if s != 'Z')
+}
+
+/// Waits up to `limit` for all of `pids` to be gone (or zombies); returns
+/// the ones still alive.
+pub fn wait_gone(pids: &[u32], limit: Duration) -> Vec<u32> {
+    let end = Instant::now() + limit;
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || Instant::now() >= end {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live (non-zombie) children of `parent`.
+pub fn live_children(parent: u32) -> Vec<u32> {
+    children_of(parent)
+        .into_iter()
+        .filter(|(_, s)| *s != 'Z')
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Waits until `parent` has exactly `n` live children; returns them.
+pub fn wait_live_children(parent: u32, n: usize, when: &str) -> Vec<u32> {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let kids = live_children(parent);
+        if kids.len() == n {
+            return kids;
+        }
+        assert!(
+            Instant::now() < end,
+            "{when}: expected {n} live children of {parent}, found {kids:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until a file exists with at least `lines` lines; returns them.
+pub fn wait_lines(path: &Path, lines: usize, limit: Duration) -> Vec<String> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(t) = fs::read_to_string(path) {
+            let v: Vec<String> = t.lines().map(str::to_string).collect();
+            if v.len() >= lines && t.ends_with('\n') {
+                return v;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "{} did not get {lines} lines within {limit:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
 }
