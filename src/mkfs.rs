@@ -162,10 +162,16 @@ fn user_command(script: &OsStr, spec: &FsSpec, size: u64) -> Command {
 /// mkfs expects. The user's options come after ours, so they win.
 pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
     let (defaults, label_flag): (&[&str], Option<&str>) = match spec.fs_type.as_str() {
+        // resize_inode reserves group descriptor blocks for growing the
+        // filesystem online, and mke2fs writes them all: 1066 of its 1079
+        // writes on a 16 GiB image. An NBD export never grows, so they are
+        // pure cost (time, and 4 MiB of real disk per client).
         "ext2" | "ext3" | "ext4" => (
             &[
                 "-F",
                 "-q",
+                "-O",
+                "^resize_inode",
                 "-E",
                 "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
             ],
