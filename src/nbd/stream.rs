@@ -16,8 +16,10 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 /// A byte stream to the client. Plain connections expose their fds so that
 /// data can move between them and the image inside the kernel.
@@ -42,6 +44,12 @@ const READ_BUF: usize = 32 * 1024;
 const QUEUE_LIMIT: usize = 64 * 1024;
 /// Payloads at least this large are not copied into the queue.
 const COPY_LIMIT: usize = 16 * 1024;
+/// How long we keep polling for the client's next message before going to
+/// sleep in read(2), and how soon after our last flush its previous message
+/// must have come for us to bother (see [`Stream::fill`]).
+const SPIN: Duration = Duration::from_micros(50);
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+
 /// Data at least this large moves between client and image inside the
 /// kernel (sendfile/splice), when the channel allows. Smaller pieces are
 /// cheaper copied: a small read reply then joins the batched queue, and a
@@ -56,6 +64,9 @@ pub struct Stream<C> {
     queue: Vec<u8>,
     /// For splice(2) from the client into the image, made on first use.
     pipe: Option<(OwnedFd, OwnedFd)>,
+    /// How long the client took, after our last flush, to send more the
+    /// last time we had to wait for it.
+    last_gap: Option<Duration>,
     /// Bytes read from / written to the client so far.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -70,6 +81,7 @@ impl<C: Channel> Stream<C> {
             rend: 0,
             queue: Vec::with_capacity(4096),
             pipe: None,
+            last_gap: None,
             bytes_in: 0,
             bytes_out: 0,
         }
@@ -100,6 +112,39 @@ impl<C: Channel> Stream<C> {
         debug_assert!(self.rpos == self.rend);
         // About to wait for the client: everything it is owed goes first.
         self.flush()?;
+        let flushed = Instant::now();
+        self.spin_for_input(flushed);
+        let r = self.read_into_buffer();
+        self.last_gap = Some(flushed.elapsed());
+        r
+    }
+
+    /// A client that answers our replies within microseconds (one request
+    /// in flight at a time) is best met awake: going to sleep in read(2)
+    /// and being woken costs tens of microseconds per request on a VM
+    /// (measured here: 4 KiB random reads at queue depth 1 over a Unix
+    /// socket went from 13.0k to 33-37k IOPS with a 50 us spin). So when
+    /// the client's last message followed our flush within SPIN_WINDOW,
+    /// poll without sleeping for up to SPIN before the blocking read. An
+    /// idle client is never spun for. Only plain fds can be polled this
+    /// way (under TLS, rustls may hold decrypted input already).
+    fn spin_for_input(&self, since: Instant) {
+        let (Some(gap), Some((rd, _))) = (self.last_gap, self.ch.raw_fds()) else {
+            return;
+        };
+        if gap > SPIN_WINDOW {
+            return;
+        }
+        while since.elapsed() < SPIN {
+            let mut fds = [PollFd::new(rd, PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn read_into_buffer(&mut self) -> io::Result<usize> {
         loop {
             match self.ch.read(&mut self.rbuf) {
                 Ok(n) => {
