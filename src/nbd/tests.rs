@@ -998,3 +998,65 @@ fn nothing_negotiated_before_starttls_survives_it() {
         "meta contexts from before STARTTLS must be forgotten"
     );
 }
+
+#[test]
+fn pipelined_large_writes_are_done_before_anything_after_them() {
+    // A read pipelined right behind large (spliced) writes must see all of
+    // them, in order (the last write wins).
+    let (srv, mut c) = Server::start_full(None, Tls::Unavailable, true);
+    c.negotiate_structured(false);
+    let block = |v: u8| vec![v; 256 * 1024];
+    let mut all = Vec::new();
+    for (cookie, v) in [(1u64, 1u8), (2, 2), (3, 3), (4, 4), (5, 5)] {
+        // Writes 1-4 at consecutive offsets, write 5 over write 2.
+        let off = if v == 5 {
+            256 * 1024
+        } else {
+            u64::from(v - 1) * 256 * 1024
+        };
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&0u16.to_be_bytes());
+        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&off.to_be_bytes());
+        m.extend_from_slice(&(256u32 * 1024).to_be_bytes());
+        m.extend_from_slice(&block(v));
+        all.extend(m);
+    }
+    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&CMD_FLAG_DF.to_be_bytes());
+    m.extend_from_slice(&CMD_READ.to_be_bytes());
+    m.extend_from_slice(&9u64.to_be_bytes());
+    m.extend_from_slice(&0u64.to_be_bytes());
+    m.extend_from_slice(&(1024u32 * 1024).to_be_bytes());
+    all.extend(m);
+    let mut w = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || w.write_all(&all).unwrap());
+    let mut statuses = Vec::new();
+    let mut data = None;
+    while data.is_none() || statuses.len() < 5 {
+        let magic = c.read_n(4);
+        if be32(&magic) == SIMPLE_REPLY_MAGIC {
+            let rest = c.read_n(12);
+            assert_eq!(be32(&rest[0..4]), 0, "write failed");
+            statuses.push(be64(&rest[4..12]));
+        } else {
+            let rest = c.read_n(16);
+            let payload = c.read_n(be32(&rest[12..16]) as usize);
+            assert_eq!(be16(&rest[2..4]), REPLY_TYPE_OFFSET_DATA);
+            assert_eq!(be64(&rest[4..12]), 9);
+            data = Some(payload[8..].to_vec());
+        }
+    }
+    sender.join().unwrap();
+    statuses.sort();
+    assert_eq!(statuses, vec![1, 2, 3, 4, 5]);
+    let data = data.unwrap();
+    let expect: Vec<u8> = [1u8, 5, 3, 4].iter().flat_map(|&v| block(v)).collect();
+    assert!(
+        data == expect,
+        "the read did not see the writes before it, in order"
+    );
+    c.request(0, CMD_DISC, 10, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+}
