@@ -19,7 +19,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::poll::PollFlags;
+
+use crate::sys;
 
 /// A byte stream to the client. Plain connections expose their fds so that
 /// data can move between them and the image inside the kernel.
@@ -136,8 +138,7 @@ impl<C: Channel> Stream<C> {
             return;
         }
         while since.elapsed() < SPIN {
-            let mut fds = [PollFd::new(rd, PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::ZERO).map_or(true, |n| n > 0) {
+            if sys::poll_one(rd, PollFlags::POLLIN, Some(Duration::ZERO)).unwrap_or(true) {
                 return;
             }
             std::hint::spin_loop();
