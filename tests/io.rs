@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use std::thread;
+use std::time::{Duration, Instant};
 
 #[test]
 fn qemu_io_writes_and_reads_back_patterns() {
@@ -132,4 +134,61 @@ h3.shutdown()
     }
     assert_dir_empty(server.images(), "while two clients are connected");
     client.finish();
+}
+
+/// Over a Unix socket the server queues read replies well ahead of a busy
+/// client: its send buffer is raised to 2 MiB (as far as
+/// net.core.wmem_max allows) instead of the 208 KiB default, which held
+/// less than one 256 KiB reply. Eight 256 KiB reads are sent and nothing
+/// is read; what arrives in our receive queue is what the server could
+/// queue.
+#[test]
+fn unix_read_replies_queue_ahead_of_the_client() {
+    use common::nbdraw::{self, Framing};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = TestDir::new("unix-sndbuf");
+    let server = Server::unix(&dir, &["64M"]);
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    nbdraw::negotiate(&mut s, Framing::Simple, false).expect("negotiate");
+    const LEN: u64 = 256 << 10;
+    for i in 0..8u64 {
+        let req = nbdraw::request(Framing::Simple, 0, nbdraw::CMD_READ, i, i * LEN, LEN, &[]);
+        s.write_all(&req).unwrap();
+    }
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .expect("read net.core.wmem_max")
+        .trim()
+        .parse()
+        .expect("net.core.wmem_max is a number");
+    // Payload only: the buffer also pays for each skb's overhead.
+    let want = wmem_max.min(2 << 20);
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the valid pointer we pass.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n as u64
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut last = queued();
+    // Wait until the server has stopped adding (it is blocked on a full
+    // buffer or done), then compare.
+    loop {
+        thread::sleep(Duration::from_millis(100));
+        let now = queued();
+        if (now == last && now > 0) || Instant::now() > end {
+            last = now;
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last >= want,
+        "the server queued {last} bytes of read replies; with its send buffer at \
+         min(2 MiB, wmem_max = {wmem_max}) it must queue at least {want}"
+    );
+    drop(s);
+    drop(server);
 }
