@@ -132,6 +132,9 @@ impl Image {
     /// data. Returns how many bytes of disk were freed.
     pub fn release_holes(&self, slack: u64) -> io::Result<u64> {
         let before = self.allocated();
+        if before <= slack {
+            return Ok(0);
+        }
         let mut data = 0;
         self.for_each_run(|r| {
             if r.data {

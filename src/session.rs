@@ -256,15 +256,19 @@ impl<'a> Disk<'a> {
                 .map_err(|e| format!("cannot stat the disk after the command: {e}"))?;
         }
         // Space mkfs reserved but left reading as zeroes (xfs's log) would
-        // otherwise stay allocated for the client's whole session.
-        let t0 = Instant::now();
-        match image.release_holes(RELEASE_SLACK) {
-            Ok(freed) => debug!(
-                freed,
-                micros = t0.elapsed().as_micros() as u64,
-                "released unwritten space"
-            ),
-            Err(e) => warn!(error = %e, "cannot release the disk's unwritten space"),
+        // otherwise stay allocated for the client's whole session. A user's
+        // --command may preallocate on purpose (so that the client never
+        // meets ENOSPC): its image is left as it made it.
+        if cfg.fs.command.is_none() {
+            let t0 = Instant::now();
+            match image.release_holes(RELEASE_SLACK) {
+                Ok(freed) => debug!(
+                    freed,
+                    micros = t0.elapsed().as_micros() as u64,
+                    "released unwritten space"
+                ),
+                Err(e) => warn!(error = %e, "cannot release the disk's unwritten space"),
+            }
         }
         debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, "disk built");
         Ok(image)

@@ -116,11 +116,17 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
+        Self::new_in(&std::env::temp_dir(), name)
+    }
+
+    /// Like [`TestDir::new`], under `parent` (e.g. /var/tmp, where the
+    /// filesystem matters to the test).
+    pub fn new_in(parent: &Path, name: &str) -> TestDir {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let base = std::env::temp_dir()
+        let base = parent
             .canonicalize()
-            .expect("the system temp dir must exist");
+            .unwrap_or_else(|e| panic!("the directory {} must exist: {e}", parent.display()));
         let path = base.join(format!("tmpdisk-test-{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
