@@ -64,6 +64,9 @@ pub fn activate(mode: &Mode) -> Result<Activation, ActivationError> {
     match mode {
         Mode::Stdio => {
             let (rd, wr) = sys::take_stdio().map_err(|e| failed("stdin/stdout", &e))?;
+            // libnbd's connect_command and inetd-style managers hand us a
+            // socket here; a pipe is left as it is.
+            tune(&wr);
             Ok(Activation::Connection {
                 conn: Conn::pipes(rd, wr),
                 peer: "stdio".into(),
@@ -129,23 +132,30 @@ fn from_systemd() -> Result<Activation, ActivationError> {
 /// What a Unix socket's send buffer is set to (net.core.wmem_max caps it).
 const UNIX_SNDBUF: usize = 2 << 20;
 
-/// A connected socket, tuned for NBD. TCP: small replies must not wait for
-/// Nagle's algorithm. Unix: a Unix stream socket's send buffer does not
-/// grow by itself like TCP's; the default (net.core.wmem_default, 208 KiB)
-/// is less than one 256 KiB read reply, so each large reply went out in
-/// pieces, each waiting for the client to drain the last. With 2 MiB the
-/// bench's Unix seq read-back went from a median of 3014 to 4363 MB/s
-/// (9 runs each, interleaved). Tuning is best effort: a socket that
-/// refuses it still works.
+/// A connected socket, tuned for NBD.
 pub fn connection(fd: OwnedFd) -> Conn {
-    let unix = getsockname::<SockaddrStorage>(fd.as_raw_fd())
-        .is_ok_and(|a| a.family() == Some(AddressFamily::Unix));
-    let _ = if unix {
-        setsockopt(&fd, sockopt::SndBuf, &UNIX_SNDBUF)
-    } else {
-        setsockopt(&fd, sockopt::TcpNoDelay, &true)
-    };
+    tune(&fd);
     Conn::socket(fd)
+}
+
+/// Tunes the socket we send to, if it is one. TCP: small replies must not
+/// wait for Nagle's algorithm. Unix: a Unix stream socket's send buffer
+/// does not grow by itself like TCP's; the default (net.core.wmem_default,
+/// 208 KiB) is less than one 256 KiB read reply, so each large reply went
+/// out in pieces, each waiting for the client to drain the last. With
+/// 2 MiB the bench's Unix seq read-back went from a median of 3014 to
+/// 4363 MB/s (9 runs each, interleaved, on a machine whose wmem_max is
+/// 4 MiB; at the stock 208 KiB wmem_max the buffer only doubles). Best
+/// effort: a socket that refuses it still works, and a pipe is left alone.
+fn tune(fd: &OwnedFd) {
+    let Ok(addr) = getsockname::<SockaddrStorage>(fd.as_raw_fd()) else {
+        return;
+    };
+    let _ = if addr.family() == Some(AddressFamily::Unix) {
+        setsockopt(fd, sockopt::SndBuf, &UNIX_SNDBUF)
+    } else {
+        setsockopt(fd, sockopt::TcpNoDelay, &true)
+    };
 }
 
 /// Who is on the other end: systemd's REMOTE_ADDR/REMOTE_PORT when it set
