@@ -338,21 +338,25 @@ fn describe(st: ExitStatus) -> String {
 /// out: the reason is what the client needs.
 fn summarize(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    let lines: Vec<&str> = text
+    let said: Vec<&str> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .take_while(|l| !l.to_ascii_lowercase().starts_with("usage:"))
         .collect();
-    let lines = match (
-        lines.is_empty(),
-        text.lines().map(str::trim).find(|l| !l.is_empty()),
-    ) {
-        (true, None) => return String::new(),
-        // Nothing but usage: then the first line is all there is.
-        (true, Some(first)) => vec![first],
-        (false, _) => lines,
+    let reason = said
+        .iter()
+        .take_while(|l| !l.to_ascii_lowercase().starts_with("usage:"))
+        .count();
+    // Nothing but usage: then its first line is all there is.
+    let keep = if reason == 0 {
+        said.len().min(1)
+    } else {
+        reason
     };
+    let lines = &said[..keep];
+    if lines.is_empty() {
+        return String::new();
+    }
     let mut joined = lines.join(" / ");
     if joined.len() > 3000 {
         let mut end = 3000;

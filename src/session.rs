@@ -47,8 +47,8 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         Ok((_, Outcome::Go(n))) => {
             transmission(s, &n, &disk, &peer, None, started, cfg.reply_timeout)
         }
-        Ok((no_zeroes, Outcome::StartTls)) => match (starttls(s, tls), tls) {
-            (Ok((mut s, subject)), _) => {
+        Ok((no_zeroes, Outcome::StartTls)) => match starttls(s, tls) {
+            Ok((mut s, subject)) => {
                 // Everything negotiated before STARTTLS is forgotten: this
                 // is a new round with fresh state (CVE-2021-3716).
                 match negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Active) {
@@ -64,7 +64,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
                     Err(h) => Err(h),
                 }
             }
-            (Err(h), _) => Err(h),
+            Err(h) => Err(h),
         },
         Ok((_, Outcome::Abort)) => Ok(Left::Negotiating),
         Err(h) => Err(h),

@@ -228,8 +228,8 @@ impl<C: Channel> Transmission<'_, C> {
             return Ok(true);
         }
         let len = x.length as usize;
+        let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
         if len >= ZERO_COPY_MIN {
-            let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
             let mut head = [0u8; 40];
             head[..hl].copy_from_slice(&h[..hl]);
             head[hl..hl + 8].copy_from_slice(&off);
@@ -243,7 +243,6 @@ impl<C: Channel> Transmission<'_, C> {
         }
         // Room for the offset in front of the data, so the chunk's payload
         // is one contiguous slice.
-        let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
         let payload = self.data.get(8, len);
         payload[..8].copy_from_slice(&off);
         if let Err(e) = self.image.read_at(&mut payload[8..], x.offset) {
