@@ -104,7 +104,7 @@ pub struct FuzzExports {
 impl Channel for Mem<'_> {}
 
 impl Exports for FuzzExports {
-    fn open(&mut self) -> Result<u64, OpenError> {
+    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
         self.opened += 1;
         if self.fail {
             return Err(OpenError {

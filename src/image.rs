@@ -16,6 +16,8 @@ use std::path::Path;
 use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::unistd::{Whence, lseek};
 
+use crate::nbd::storage::{Extent, Received, Storage, ZeroCopy};
+
 /// How the image got its (lack of a) name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anonymity {
@@ -24,15 +26,6 @@ pub enum Anonymity {
     /// The filesystem does not support O_TMPFILE: it had a private name for
     /// the moment between open and unlink.
     Unlinked,
-}
-
-/// A run of the image that is either all data or all hole.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub offset: u64,
-    pub length: u64,
-    /// False for a hole (reads as zeroes, takes no space).
-    pub data: bool,
 }
 
 pub struct Image {
@@ -72,10 +65,6 @@ impl Image {
         Ok((Image { file, size }, how))
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Bytes of real disk space the image occupies.
     pub fn allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
@@ -89,8 +78,9 @@ impl Image {
         Ok(self.size)
     }
 
-    /// Fill `buf` from `offset`; a range past the end reads as zeroes.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    /// Fill `buf` from `offset`; a range past the end of the file reads as
+    /// zeroes (the one place that rule lives).
+    fn read_zero_filled(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -106,10 +96,6 @@ impl Image {
             }
         }
         Ok(())
-    }
-
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
     }
 
     /// Deallocate a range: it reads back as zeroes and frees disk space.
@@ -163,7 +149,7 @@ impl Image {
         let mut pos = 0;
         while pos < self.size {
             runs.clear();
-            self.extents(pos, self.size - pos, 64, &mut runs)?;
+            self.runs(pos, self.size - pos, 64, &mut runs)?;
             let Some(last) = runs.last() else { break };
             pos = last.offset + last.length;
             runs.iter().try_for_each(&mut f)?;
@@ -172,7 +158,7 @@ impl Image {
     }
 
     /// Zero a range and keep it allocated (for NBD_CMD_FLAG_NO_HOLE).
-    pub fn zero_range(&self, offset: u64, length: u64) -> io::Result<()> {
+    fn zero_range(&self, offset: u64, length: u64) -> io::Result<()> {
         self.fallocate(
             FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -191,21 +177,19 @@ impl Image {
     }
 
     /// Write literal zero bytes (when the filesystem can do nothing faster).
-    pub fn write_zeroes(&self, offset: u64, length: u64, scratch: &mut Vec<u8>) -> io::Result<()> {
-        const CHUNK: usize = 1 << 20;
-        scratch.clear();
-        scratch.resize(CHUNK.min(length as usize), 0);
+    fn write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut done = 0u64;
         while done < length {
-            let n = (length - done).min(scratch.len() as u64) as usize;
-            self.write_at(&scratch[..n], offset + done)?;
+            let n = (length - done).min(ZEROES.len() as u64) as usize;
+            self.file.write_all_at(&ZEROES[..n], offset + done)?;
             done += n as u64;
         }
         Ok(())
     }
 
     /// Hint that a range will be read soon (NBD_CMD_CACHE).
-    pub fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
+    fn prefetch(&self, offset: u64, length: u64) -> io::Result<()> {
         posix_fadvise(
             &self.file,
             to_off(offset)?,
@@ -218,13 +202,7 @@ impl Image {
     /// The data/hole runs covering `[offset, offset+length)`, at most `max`
     /// of them (the last one may then end early), appended to `out`.
     /// Ranges past the end of the file are holes.
-    pub fn extents(
-        &self,
-        offset: u64,
-        length: u64,
-        max: usize,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
+    fn runs(&self, offset: u64, length: u64, max: usize, out: &mut Vec<Extent>) -> io::Result<()> {
         let end = offset.saturating_add(length);
         let mut pos = offset;
         while pos < end && max > 0 {
@@ -261,6 +239,103 @@ impl Image {
             Err(nix::errno::Errno::ENXIO) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// What the protocol sees: reads and writes of every byte or an error,
+/// holes, zeroes, and the zero-copy paths through the image's fd.
+impl Storage for Image {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_zero_filled(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // write_all_at: a short count (the filesystem stored only what fit)
+        // is followed by the call that says why the rest cannot go in.
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        match self.punch_hole(offset, length) {
+            // TRIM is advisory: a filesystem that cannot punch holes simply
+            // keeps the data.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Without NO_HOLE a punched hole is best: it reads as zeroes and
+    /// frees space. Then zeroing by fallocate; FAST_ZERO only succeeds
+    /// where one of those does, and never falls back to writing zeroes.
+    fn zero(&self, offset: u64, length: u64, may_punch: bool, fast: bool) -> io::Result<()> {
+        let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+        if may_punch {
+            match self.punch_hole(offset, length) {
+                Err(e) if unsupported(&e) => {}
+                r => return r,
+            }
+        }
+        match self.zero_range(offset, length) {
+            Err(e) if unsupported(&e) => {}
+            r => return r,
+        }
+        if fast {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this filesystem cannot zero without writing",
+            ));
+        }
+        self.write_zeroes(offset, length)
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.prefetch(offset, length)
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        self.runs(offset, length, max, out)
+    }
+
+    fn send(
+        &self,
+        out: &mut dyn ZeroCopy,
+        head: &[&[u8]],
+        offset: u64,
+        len: usize,
+    ) -> io::Result<bool> {
+        let sent = out.send_file(head, self.file.as_fd(), offset, len)?;
+        if sent < len {
+            // The file ended early: what is not there reads as zeroes, and
+            // read_at is where that rule lives.
+            let mut rest = vec![0u8; (len - sent).min(1 << 20)];
+            let mut done = sent;
+            while done < len {
+                let n = (len - done).min(rest.len());
+                self.read_zero_filled(&mut rest[..n], offset + done as u64)?;
+                out.write_all(&rest[..n])?;
+                done += n;
+            }
+        }
+        Ok(true)
+    }
+
+    fn receive(
+        &self,
+        inp: &mut dyn ZeroCopy,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Option<Received>> {
+        inp.splice_to_file(self.file.as_fd(), offset, len).map(Some)
     }
 }
 

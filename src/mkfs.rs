@@ -26,6 +26,7 @@ use nix::unistd::Pid;
 
 use crate::cli::FsSpec;
 use crate::image::Image;
+use crate::nbd::storage::Storage;
 use crate::sys;
 
 /// The fd number the child finds the image on.

@@ -17,6 +17,7 @@ use crate::image::Image;
 use crate::mkfs;
 use crate::nbd::error::Hangup;
 use crate::nbd::negotiate::{self, Exports, Negotiated, OpenError, Outcome, Tls};
+use crate::nbd::storage::Storage;
 use crate::nbd::stream::Stream;
 use crate::nbd::transmit::{self, End, Stats};
 use crate::nbd::wire::REP_ERR_UNKNOWN;
@@ -91,7 +92,7 @@ fn starttls(
     tls: Option<&Arc<ServerConfig>>,
 ) -> Result<(Stream<TlsStream>, Option<String>), Hangup> {
     let config = tls.ok_or_else(|| Hangup::Server("STARTTLS accepted without TLS".into()))?;
-    let (conn, pipelined) = s.into_parts().map_err(|e| Hangup::from_io(e, false))?;
+    let (conn, pipelined) = s.into_parts()?;
     if !pipelined.is_empty() {
         // Plaintext sent after STARTTLS could be injected by anyone on the
         // path; it must not be read as if it came through TLS.
@@ -307,7 +308,7 @@ fn check_free_space(cfg: &Config) -> Result<(), String> {
 }
 
 impl Exports for Disk<'_> {
-    fn open(&mut self) -> Result<u64, OpenError> {
+    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
         if let State::Empty = self.state {
             self.state = match self.build() {
                 Ok(image) => {

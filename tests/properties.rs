@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -14,8 +14,10 @@ use std::time::Duration;
 use common::nbdraw::{self, Framing, Reply};
 use proptest::prelude::*;
 use tmpdisk::cli::parse_size;
-use tmpdisk::image::{Extent, Image};
+use tmpdisk::conn::Conn;
+use tmpdisk::image::Image;
 use tmpdisk::nbd::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
+use tmpdisk::nbd::storage::{Extent, Storage};
 use tmpdisk::nbd::stream::{Channel, Stream};
 use tmpdisk::nbd::transmit::{Stats, serve};
 
@@ -307,42 +309,35 @@ proptest! {
 
 const DISK: u64 = 1 << 20;
 
-/// The server's end of the socket. `zero_copy` exposes its fd, so reads and
-/// writes take the sendfile/splice paths a real connection takes; without
-/// it every byte is copied, as under TLS.
-struct Sock {
-    s: UnixStream,
-    zero_copy: bool,
-}
+/// The server's end of the socket, opaque: every byte is copied through
+/// the stream, as under TLS. (With zero copy the server gets the real
+/// connection, which offers sendfile and splice.)
+struct Copying(UnixStream);
 
-impl Read for Sock {
+impl Read for Copying {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.s.read(b)
+        self.0.read(b)
     }
 }
 
-impl Write for Sock {
+impl Write for Copying {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.s.write(b)
+        self.0.write(b)
     }
     fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        self.s.write_vectored(b)
+        self.0.write_vectored(b)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
 
-impl Channel for Sock {
-    fn raw_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
-        self.zero_copy.then(|| (self.s.as_fd(), self.s.as_fd()))
-    }
-}
+impl Channel for Copying {}
 
 struct OneDisk(Option<Image>);
 
 impl Exports for OneDisk {
-    fn open(&mut self) -> Result<u64, OpenError> {
+    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
         if self.0.is_none() {
             self.0 = Some(Image::create(&std::env::temp_dir(), DISK).unwrap().0);
         }
@@ -360,19 +355,26 @@ fn start_server(zero_copy: bool) -> (JoinHandle<Result<(), String>>, UnixStream)
     b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let t = std::thread::spawn(move || {
         let mut ex = OneDisk(None);
-        let mut s = Stream::new(Sock { s: a, zero_copy });
-        match handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, Tls::Unavailable)) {
-            Ok(Outcome::Go(n)) => {
-                let img = ex.0.as_ref().unwrap();
-                serve(&mut s, img, &n, &mut Stats::default())
-                    .map(|_| ())
-                    .map_err(|h| h.to_string())
-            }
-            Ok(_) => Err("negotiation did not end in GO".into()),
-            Err(h) => Err(h.to_string()),
+        if zero_copy {
+            serve_one(Stream::new(Conn::socket(OwnedFd::from(a))), &mut ex)
+        } else {
+            serve_one(Stream::new(Copying(a)), &mut ex)
         }
     });
     (t, b)
+}
+
+fn serve_one<C: Channel>(mut s: Stream<C>, ex: &mut OneDisk) -> Result<(), String> {
+    match handshake(&mut s).and_then(|nz| negotiate(&mut s, ex, nz, Tls::Unavailable)) {
+        Ok(Outcome::Go(n)) => {
+            let img = ex.0.as_ref().unwrap();
+            serve(&mut s, img, &n, &mut Stats::default())
+                .map(|_| ())
+                .map_err(|h| h.to_string())
+        }
+        Ok(_) => Err("negotiation did not end in GO".into()),
+        Err(h) => Err(h.to_string()),
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -91,27 +91,32 @@ impl ReplyError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(wire::EINVAL, message)
     }
-    /// A failed operation on the disk.
-    pub fn from_io(what: &str, e: &io::Error) -> Self {
+    /// A failed operation on the disk, for request `req`.
+    pub fn from_io(what: &str, e: &io::Error, req: &wire::Request) -> Self {
         ReplyError {
             disk: true,
-            ..Self::new(nbd_errno(e), format!("{what}: {e}"))
+            ..Self::new(nbd_errno(e, req), format!("{what}: {e}"))
         }
     }
 }
 
-/// The one mapping from a host error to the protocol's error numbers.
-/// Unknown errors become EIO, never a raw host errno the client would
-/// misread.
-pub fn nbd_errno(e: &io::Error) -> u32 {
-    match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => wire::EPERM,
-        Some(libc::ENOMEM) => wire::ENOMEM,
-        Some(libc::EINVAL) => wire::EINVAL,
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => wire::ENOSPC,
-        Some(libc::EOVERFLOW) => wire::EOVERFLOW,
-        Some(libc::EOPNOTSUPP) => wire::ENOTSUP,
-        Some(libc::ESHUTDOWN) => wire::ESHUTDOWN,
+/// The one mapping from a host error to the protocol's error numbers, for
+/// request `req`. Unknown errors become EIO, never a raw host errno the
+/// client would misread. The spec lets a server send ENOTSUP only for a
+/// WRITE_ZEROES with FAST_ZERO that would not be fast, and EOVERFLOW only
+/// for a READ with DF that cannot be sent in one chunk (which we never
+/// refuse); any other "not supported" is EINVAL.
+pub fn nbd_errno(e: &io::Error, req: &wire::Request) -> u32 {
+    use io::ErrorKind as K;
+    let fast_zero =
+        req.command == wire::CMD_WRITE_ZEROES && req.flags & wire::CMD_FLAG_FAST_ZERO != 0;
+    match e.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => wire::EPERM,
+        K::OutOfMemory => wire::ENOMEM,
+        K::InvalidInput => wire::EINVAL,
+        K::StorageFull | K::QuotaExceeded | K::FileTooLarge => wire::ENOSPC,
+        K::Unsupported if fast_zero => wire::ENOTSUP,
+        K::Unsupported => wire::EINVAL,
         _ => wire::EIO,
     }
 }
@@ -120,13 +125,36 @@ pub fn nbd_errno(e: &io::Error) -> u32 {
 mod tests {
     use super::*;
 
+    fn req(command: u16, flags: u16) -> wire::Request {
+        wire::Request {
+            flags,
+            command,
+            cookie: 1,
+            offset: 0,
+            length: 1,
+        }
+    }
+
     #[test]
     fn host_errors_map_to_protocol_values() {
-        let e = |n| io::Error::from_raw_os_error(n);
-        assert_eq!(nbd_errno(&e(libc::EDQUOT)), wire::ENOSPC);
-        assert_eq!(nbd_errno(&e(libc::EFBIG)), wire::ENOSPC);
-        assert_eq!(nbd_errno(&e(libc::EOPNOTSUPP)), wire::ENOTSUP);
-        assert_eq!(nbd_errno(&e(libc::EBADF)), wire::EIO);
-        assert_eq!(nbd_errno(&io::Error::other("x")), wire::EIO);
+        use io::ErrorKind as K;
+        let e = |k: K| io::Error::from(k);
+        let w = req(wire::CMD_WRITE, 0);
+        assert_eq!(nbd_errno(&e(K::QuotaExceeded), &w), wire::ENOSPC);
+        assert_eq!(nbd_errno(&e(K::FileTooLarge), &w), wire::ENOSPC);
+        assert_eq!(nbd_errno(&e(K::StorageFull), &w), wire::ENOSPC);
+        assert_eq!(nbd_errno(&e(K::ReadOnlyFilesystem), &w), wire::EPERM);
+        assert_eq!(nbd_errno(&e(K::NotFound), &w), wire::EIO);
+        assert_eq!(nbd_errno(&io::Error::other("x"), &w), wire::EIO);
+    }
+
+    #[test]
+    fn enotsup_only_where_the_request_allows_it() {
+        let e = io::Error::from(io::ErrorKind::Unsupported);
+        let fast = req(wire::CMD_WRITE_ZEROES, wire::CMD_FLAG_FAST_ZERO);
+        assert_eq!(nbd_errno(&e, &fast), wire::ENOTSUP);
+        assert_eq!(nbd_errno(&e, &req(wire::CMD_WRITE_ZEROES, 0)), wire::EINVAL);
+        assert_eq!(nbd_errno(&e, &req(wire::CMD_TRIM, 0)), wire::EINVAL);
+        assert_eq!(nbd_errno(&e, &req(wire::CMD_READ, 0)), wire::EINVAL);
     }
 }

@@ -5,6 +5,7 @@
 pub mod buf;
 pub mod error;
 pub mod negotiate;
+pub mod storage;
 pub mod stream;
 pub mod transmit;
 pub mod validate;

@@ -35,7 +35,10 @@ pub struct OpenError {
 pub trait Exports {
     /// Build the disk the first time this is called and return its size;
     /// later calls return the same disk (INFO then GO must not build twice).
-    fn open(&mut self) -> Result<u64, OpenError>;
+    /// `pipelined`: the client has already sent more than this option, so
+    /// an end of its input during the build is not a goodbye (it may have
+    /// half-closed and still want the replies).
+    fn open(&mut self, pipelined: bool) -> Result<u64, OpenError>;
     /// A human-readable description (LIST, NBD_INFO_DESCRIPTION).
     fn description(&self) -> String;
 }
@@ -136,13 +139,9 @@ pub fn handshake<C: Channel>(s: &mut Stream<C>) -> Result<bool, Hangup> {
     greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     greeting[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.queue(&[&greeting])
-        .map_err(|e| Hangup::from_io(e, false))?;
+    s.queue(&[&greeting])?;
     let mut cflags = [0u8; 4];
-    if !s
-        .read_message(&mut cflags)
-        .map_err(|e| Hangup::from_io(e, true))?
-    {
+    if !s.read_message(&mut cflags)? {
         return Err(Hangup::Closed);
     }
     let cflags = u32::from_be_bytes(cflags);
@@ -169,14 +168,27 @@ pub fn negotiate<C: Channel, E: Exports>(
     no_zeroes: bool,
     tls: Tls,
 ) -> Result<Outcome, Hangup> {
+    let r = haggle(s, exports, no_zeroes, tls);
+    if let Err(Hangup::Protocol(_)) = &r {
+        // The replies to every option before the one that broke the rules
+        // are owed (the 256th option's, pipelined LISTs before a bad
+        // magic): the client may still be reading.
+        let _ = s.flush();
+    }
+    r
+}
+
+fn haggle<C: Channel, E: Exports>(
+    s: &mut Stream<C>,
+    exports: &mut E,
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Outcome, Hangup> {
     let mut st = State::default();
     let mut data = Vec::new();
     for _ in 0..MAX_OPTIONS {
         let mut hdr = [0u8; OptionHeader::LEN];
-        if !s
-            .read_message(&mut hdr)
-            .map_err(|e| Hangup::from_io(e, true))?
-        {
+        if !s.read_message(&mut hdr)? {
             return Err(Hangup::Closed);
         }
         let h = OptionHeader::decode(&hdr);
@@ -191,8 +203,7 @@ pub fn negotiate<C: Channel, E: Exports>(
             )));
         }
         data.resize(h.length as usize, 0);
-        s.read_exact(&mut data)
-            .map_err(|e| Hangup::from_io(e, true))?;
+        s.read_exact(&mut data)?;
         debug!(option = option_name(h.option), length = h.length, "option");
 
         let mut o = OptionReplier {
@@ -219,29 +230,25 @@ pub fn negotiate<C: Channel, E: Exports>(
                         "NBD_OPT_EXPORT_NAME after extended headers".into(),
                     ));
                 }
-                if data.len() > MAX_STRING {
-                    return Err(Hangup::Protocol(
-                        "export name longer than 4096 bytes".into(),
-                    ));
-                }
                 // EXPORT_NAME has no way to report an error: hang up.
-                let size = exports.open().map_err(|e| Hangup::Server(e.message))?;
-                let n = finish(&st, &data, size);
+                let name = export_name(&data).map_err(|why| Hangup::Protocol(why.into()))?;
+                let pipelined = o.s.has_pending_input();
+                let size = exports
+                    .open(pipelined)
+                    .map_err(|e| Hangup::Server(e.message))?;
+                let n = finish(&st, name, size);
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&size.to_be_bytes());
                 reply.extend_from_slice(&n.flags.to_be_bytes());
                 if !no_zeroes {
                     reply.resize(134, 0);
                 }
-                o.s.queue(&[&reply])
-                    .map_err(|e| Hangup::from_io(e, false))?;
+                o.s.queue(&[&reply])?;
                 return Ok(Outcome::Go(n));
             }
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
-                let _ = o
-                    .ack()
-                    .and_then(|_| o.s.flush().map_err(|e| Hangup::from_io(e, false)));
+                let _ = o.ack().and_then(|_| o.s.flush());
                 return Ok(Outcome::Abort);
             }
             OPT_LIST => {
@@ -269,7 +276,7 @@ pub fn negotiate<C: Channel, E: Exports>(
                     Tls::Offered | Tls::Required => {
                         // The ACK must be on the wire before the handshake.
                         o.ack()?;
-                        o.s.flush().map_err(|e| Hangup::from_io(e, false))?;
+                        o.s.flush()?;
                         return Ok(Outcome::StartTls);
                     }
                 }
@@ -279,7 +286,15 @@ pub fn negotiate<C: Channel, E: Exports>(
                     o.error(REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")?;
                     continue;
                 };
-                let size = match exports.open() {
+                let name = match export_name(name) {
+                    Ok(name) => name,
+                    Err(why) => {
+                        o.error(REP_ERR_INVALID, why)?;
+                        continue;
+                    }
+                };
+                let pipelined = o.s.has_pending_input();
+                let size = match exports.open(pipelined) {
                     Ok(size) => size,
                     Err(e) => {
                         o.error(e.reply, &e.message)?;
@@ -371,16 +386,30 @@ pub fn negotiate<C: Channel, E: Exports>(
     )))
 }
 
+/// An export name as the protocol defines strings: UTF-8, no NUL, at most
+/// 4096 bytes. Anything else is refused, never echoed or logged as
+/// something it is not.
+fn export_name(raw: &[u8]) -> Result<&str, &'static str> {
+    if raw.len() > MAX_STRING {
+        return Err("export name longer than 4096 bytes");
+    }
+    let name = std::str::from_utf8(raw).map_err(|_| "export names must be UTF-8")?;
+    if name.contains('\0') {
+        return Err("export names must not contain NUL");
+    }
+    Ok(name)
+}
+
 /// What the client gets once it has chosen the export named `name`.
-fn finish(st: &State, name: &[u8], size: u64) -> Negotiated {
+fn finish(st: &State, name: &str, size: u64) -> Negotiated {
     let replies = st.replies();
     // Block status needs the selection to have been made for the export
     // that was finally chosen.
-    let base_allocation = matches!(&st.meta, Some((n, true)) if n == name);
+    let base_allocation = matches!(&st.meta, Some((n, true)) if n == name.as_bytes());
     Negotiated {
         replies,
         base_allocation,
-        export_name: String::from_utf8_lossy(name).into_owned(),
+        export_name: name.to_string(),
         size,
         flags: transmission_flags(replies),
     }
@@ -484,9 +513,7 @@ struct OptionReplier<'a, C> {
 impl<C: Channel> OptionReplier<'_, C> {
     fn reply(&mut self, kind: u32, payload: &[u8]) -> Result<(), Hangup> {
         let h = option_reply_header(self.option, kind, payload.len() as u32);
-        self.s
-            .queue(&[&h, payload])
-            .map_err(|e| Hangup::from_io(e, false))
+        self.s.queue(&[&h, payload])
     }
 
     fn ack(&mut self) -> Result<(), Hangup> {

@@ -1,29 +1,29 @@
 //! Protocol tests: the real negotiation and transmission code on one end
-//! of a socket pair, a hand-written client speaking raw bytes on the other,
-//! against a real (mkfs-less) temporary image. They pin the wire format and
-//! what each kind of bad input gets.
+//! of a socket pair, a hand-written client speaking raw bytes on the other.
+//! Transmission runs against both kinds of [`Storage`]: the real nameless
+//! image (through the real connection, so sendfile and splice are used for
+//! large transfers) and an in-memory disk that offers no zero-copy path.
+//! They pin the wire format and what each kind of bad input gets.
 
-use std::io::{Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::error::Hangup;
-use super::negotiate::{Exports, OpenError, Outcome, Replies, Tls, handshake, negotiate};
+use super::negotiate::{
+    Exports, MAX_OPTIONS, OpenError, Outcome, Replies, Tls, handshake, negotiate,
+};
+use super::storage::{Extent, Received, Storage, ZeroCopy};
 use super::stream::{Channel, Stream};
 use super::transmit::{End, Stats, serve};
 use super::wire::*;
+use crate::conn::Conn;
 use crate::image::Image;
 
 const SIZE: u64 = 4 << 20;
-
-/// A socket the server may use zero-copy (sendfile/splice) on.
-impl Channel for UnixStream {
-    fn raw_fds(&self) -> Option<(BorrowedFd<'_>, BorrowedFd<'_>)> {
-        Some((self.as_fd(), self.as_fd()))
-    }
-}
 
 /// The same socket, but opaque: every byte is copied through the stream's
 /// buffers, as under TLS.
@@ -46,24 +46,151 @@ impl Write for Copying {
 
 impl Channel for Copying {}
 
-/// Exports backed by a plain sparse image; counts how often it is built.
+/// A disk in memory, for tests only: its bytes, and which 4 KiB blocks
+/// hold data (the rest are holes). It has no fd, so it offers no
+/// zero-copy path: everything goes through the stream's payload buffer.
+struct MemDisk {
+    bytes: RefCell<Vec<u8>>,
+    data: RefCell<Vec<bool>>,
+}
+
+const BLOCK: u64 = 4096;
+
+impl MemDisk {
+    fn new(size: u64) -> MemDisk {
+        MemDisk {
+            bytes: RefCell::new(vec![0; size as usize]),
+            data: RefCell::new(vec![false; size.div_ceil(BLOCK) as usize]),
+        }
+    }
+
+    fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(offset as usize..end as usize),
+            _ => Err(io::ErrorKind::InvalidInput.into()),
+        }
+    }
+
+    /// Zero a range; blocks it covers whole become holes when `punch`.
+    fn clear(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
+        let r = self.range(offset, len)?;
+        self.bytes.borrow_mut()[r.clone()].fill(0);
+        let mut data = self.data.borrow_mut();
+        let first = offset.div_ceil(BLOCK);
+        let last = (offset + len) / BLOCK;
+        for b in first..last.max(first) {
+            data[b as usize] = !punch;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for MemDisk {
+    fn size(&self) -> u64 {
+        self.bytes.borrow().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len() as u64)?;
+        buf.copy_from_slice(&self.bytes.borrow()[r]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len() as u64)?;
+        self.bytes.borrow_mut()[r.clone()].copy_from_slice(buf);
+        let mut data = self.data.borrow_mut();
+        for b in r.start as u64 / BLOCK..(r.end as u64).div_ceil(BLOCK) {
+            data[b as usize] = true;
+        }
+        Ok(())
+    }
+    fn trim(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.clear(offset, length, true)
+    }
+    fn zero(&self, offset: u64, length: u64, may_punch: bool, _fast: bool) -> io::Result<()> {
+        self.clear(offset, length, may_punch)
+    }
+    fn cache(&self, _: u64, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        let r = self.range(offset, length)?;
+        let data = self.data.borrow();
+        let mut pos = r.start as u64;
+        while pos < r.end as u64 {
+            let is = data[(pos / BLOCK) as usize];
+            let mut end = ((pos / BLOCK) + 1) * BLOCK;
+            while end < r.end as u64 && data[(end / BLOCK) as usize] == is {
+                end += BLOCK;
+            }
+            let end = end.min(r.end as u64);
+            if out.len() == max {
+                break;
+            }
+            out.push(Extent {
+                offset: pos,
+                length: end - pos,
+                data: is,
+            });
+            pos = end;
+        }
+        Ok(())
+    }
+    fn send(&self, _: &mut dyn ZeroCopy, _: &[&[u8]], _: u64, _: usize) -> io::Result<bool> {
+        Ok(false)
+    }
+    fn receive(&self, _: &mut dyn ZeroCopy, _: u64, _: usize) -> io::Result<Option<Received>> {
+        Ok(None)
+    }
+}
+
+/// Which disk a test server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Image,
+    Memory,
+}
+
+const BACKENDS: [Backend; 2] = [Backend::Image, Backend::Memory];
+
+/// Exports backed by one disk; counts how often it is built.
 struct TestExports {
-    image: Option<Image>,
+    backend: Backend,
+    disk: Option<Box<dyn Storage + Send>>,
     builds: usize,
     fail: Option<String>,
 }
 
+impl TestExports {
+    fn new(backend: Backend, fail: Option<String>) -> Self {
+        TestExports {
+            backend,
+            disk: None,
+            builds: 0,
+            fail,
+        }
+    }
+}
+
 impl Exports for TestExports {
-    fn open(&mut self) -> Result<u64, OpenError> {
+    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
         if let Some(m) = &self.fail {
             return Err(OpenError {
                 reply: REP_ERR_UNKNOWN,
                 message: m.clone(),
             });
         }
-        if self.image.is_none() {
+        if self.disk.is_none() {
             self.builds += 1;
-            self.image = Some(Image::create(&std::env::temp_dir(), SIZE).unwrap().0);
+            self.disk = Some(match self.backend {
+                Backend::Image => Box::new(Image::create(&std::env::temp_dir(), SIZE).unwrap().0),
+                Backend::Memory => Box::new(MemDisk::new(SIZE)),
+            });
         }
         Ok(SIZE)
     }
@@ -90,21 +217,28 @@ impl Server {
     }
 
     fn start_with(fail: Option<&str>, tls: Tls) -> (Server, Client) {
-        Self::start_full(fail, tls, true)
+        Self::start_full(fail, tls, true, Backend::Image)
     }
 
-    fn start_full(fail: Option<&str>, tls: Tls, zero_copy: bool) -> (Server, Client) {
+    /// A server on `backend`; `zero_copy`: over the real connection (which
+    /// offers sendfile/splice) rather than an opaque copying channel.
+    fn on(backend: Backend, zero_copy: bool) -> (Server, Client) {
+        Self::start_full(None, Tls::Unavailable, zero_copy, backend)
+    }
+
+    fn start_full(
+        fail: Option<&str>,
+        tls: Tls,
+        zero_copy: bool,
+        backend: Backend,
+    ) -> (Server, Client) {
         let (a, b) = UnixStream::pair().unwrap();
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let fail = fail.map(String::from);
         let thread = std::thread::spawn(move || {
-            let mut ex = TestExports {
-                image: None,
-                builds: 0,
-                fail,
-            };
+            let mut ex = TestExports::new(backend, fail);
             let (ended, builds) = if zero_copy {
-                session(Stream::new(a), &mut ex, tls)
+                session(Stream::new(Conn::socket(OwnedFd::from(a))), &mut ex, tls)
             } else {
                 session(Stream::new(Copying(a)), &mut ex, tls)
             };
@@ -123,9 +257,9 @@ fn session<C: Channel>(mut s: Stream<C>, ex: &mut TestExports, tls: Tls) -> (End
     let r = handshake(&mut s).and_then(|nz| negotiate(&mut s, ex, nz, tls));
     let ended = match r {
         Ok(Outcome::Go(n)) => {
-            let img = ex.image.as_ref().unwrap();
+            let disk = ex.disk.as_deref().unwrap();
             let mut stats = Stats::default();
-            match serve(&mut s, img, &n, &mut stats) {
+            match serve(&mut s, disk, &n, &mut stats) {
                 Ok(e) => Ended::Served(e),
                 Err(h) => Ended::Hung(h.to_string()),
             }
@@ -559,6 +693,89 @@ fn export_name_reply_honours_no_zeroes() {
     }
 }
 
+/// Replies owed before a hang-up are sent first: a client that pipelined
+/// good options in front of a bad one still gets their answers.
+#[test]
+fn replies_to_options_before_a_protocol_hangup_are_sent() {
+    // Two LISTs, then an option with a bad magic, in one write.
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let mut all = Vec::new();
+    for _ in 0..2 {
+        all.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        all.extend_from_slice(&OPT_LIST.to_be_bytes());
+        all.extend_from_slice(&0u32.to_be_bytes());
+    }
+    all.extend_from_slice(&[0x55; 16]);
+    c.s.write_all(&all).unwrap();
+    for _ in 0..2 {
+        assert_eq!(c.reply().kind, REP_SERVER);
+        assert_eq!(c.reply().kind, REP_ACK);
+    }
+    c.assert_closed();
+    hung(srv.join().0, "bad option magic");
+
+    // The 256th option's reply, then the hang-up for the 257th.
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    let mut all = Vec::new();
+    for _ in 0..MAX_OPTIONS + 1 {
+        all.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        all.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+        all.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&all);
+    });
+    let mut acks = 0;
+    while acks < MAX_OPTIONS {
+        assert_eq!(c.reply().kind, REP_ACK, "reply {acks}");
+        acks += 1;
+    }
+    c.assert_closed();
+    writer.join().unwrap();
+    hung(srv.join().0, "options without choosing an export");
+}
+
+/// Export names are protocol strings: UTF-8, no NUL, at most 4096 bytes.
+/// NBD_INFO_NAME echoes exactly what was asked for (a lossy conversion
+/// once made a 4096-byte name 12288 bytes long).
+#[test]
+fn export_names_must_be_utf8_without_nul_and_are_echoed_exactly() {
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    for bad in [vec![0xffu8; 4096], b"a\0b".to_vec(), vec![b'x', 0xc3]] {
+        let r = c.haggle(OPT_INFO, &info_data(&bad, &[INFO_NAME]));
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].kind,
+            REP_ERR_INVALID,
+            "{:?}",
+            String::from_utf8_lossy(&r[0].data)
+        );
+    }
+    let long = "\u{e9}".repeat(2048);
+    assert_eq!(long.len(), MAX_STRING);
+    let r = c.haggle(OPT_INFO, &info_data(long.as_bytes(), &[INFO_NAME]));
+    assert_eq!(r.last().unwrap().kind, REP_ACK);
+    let name = r
+        .iter()
+        .find(|x| x.kind == REP_INFO && be16(&x.data) == INFO_NAME)
+        .unwrap();
+    assert_eq!(&name.data[2..], long.as_bytes());
+    c.opt(OPT_ABORT, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    assert!(matches!(srv.join().0, Ended::Aborted));
+
+    // EXPORT_NAME cannot carry an error: a bad name hangs up.
+    let (srv, mut c) = Server::start(None);
+    c.hello(FLAG_C_FIXED_NEWSTYLE);
+    c.opt(OPT_EXPORT_NAME, &[0xfe, 0xff]);
+    c.assert_closed();
+    hung(srv.join().0, "UTF-8");
+}
+
 #[test]
 fn too_many_options_hang_up() {
     let (srv, mut c) = Server::start(None);
@@ -584,56 +801,60 @@ fn too_many_options_hang_up() {
 
 #[test]
 fn write_then_read_with_simple_replies() {
-    let (srv, mut c) = Server::start(None);
-    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-    c.go(b"");
-    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-    c.request(CMD_FLAG_FUA, CMD_WRITE, 7, 4096, 8192, &data);
-    assert_eq!(c.simple(), (0, 7));
-    c.request(0, CMD_READ, 8, 4096, 8192, &[]);
-    assert_eq!(c.simple(), (0, 8));
-    assert_eq!(c.read_n(8192), data);
-    c.request(0, CMD_FLUSH, 9, 0, 0, &[]);
-    assert_eq!(c.simple(), (0, 9));
-    c.request(0, CMD_DISC, 1, 0, 0, &[]);
-    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    for backend in BACKENDS {
+        let (srv, mut c) = Server::on(backend, true);
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        c.go(b"");
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        c.request(CMD_FLAG_FUA, CMD_WRITE, 7, 4096, 8192, &data);
+        assert_eq!(c.simple(), (0, 7));
+        c.request(0, CMD_READ, 8, 4096, 8192, &[]);
+        assert_eq!(c.simple(), (0, 8));
+        assert_eq!(c.read_n(8192), data);
+        c.request(0, CMD_FLUSH, 9, 0, 0, &[]);
+        assert_eq!(c.simple(), (0, 9));
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    }
 }
 
 #[test]
 fn bad_requests_get_errors_and_the_session_goes_on() {
-    let (srv, mut c) = Server::start(None);
-    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-    c.go(b"");
-    // Past the end: write ENOSPC (payload consumed), read EINVAL.
-    c.request(0, CMD_WRITE, 1, SIZE - 1, 2, &[1, 2]);
-    assert_eq!(c.simple(), (ENOSPC, 1));
-    c.request(0, CMD_READ, 2, SIZE, 1, &[]);
-    assert_eq!(c.simple(), (EINVAL, 2));
-    // Wrapping offset.
-    c.request(0, CMD_TRIM, 3, u64::MAX, 2, &[]);
-    assert_eq!(c.simple(), (EINVAL, 3));
-    // Unknown command and unknown flag.
-    c.request(0, 42, 4, 0, 1, &[]);
-    assert_eq!(c.simple(), (EINVAL, 4));
-    c.request(1 << 12, CMD_READ, 5, 0, 1, &[]);
-    assert_eq!(c.simple(), (EINVAL, 5));
-    // DF without structured replies; block status without a context.
-    c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 1, &[]);
-    assert_eq!(c.simple(), (EINVAL, 6));
-    c.request(0, CMD_BLOCK_STATUS, 7, 0, 1, &[]);
-    assert_eq!(c.simple(), (EINVAL, 7));
-    // Zero length.
-    c.request(0, CMD_READ, 8, 0, 0, &[]);
-    assert_eq!(c.simple(), (EINVAL, 8));
-    // An oversized write is drained and refused, and framing survives.
-    let big = vec![0u8; MAX_PAYLOAD as usize + 4096];
-    c.request(0, CMD_WRITE, 9, 0, big.len() as u32, &big);
-    assert_eq!(c.simple(), (EINVAL, 9));
-    c.request(0, CMD_READ, 10, 0, 16, &[]);
-    assert_eq!(c.simple(), (0, 10));
-    assert_eq!(c.read_n(16), vec![0u8; 16]);
-    c.request(0, CMD_DISC, 1, 0, 0, &[]);
-    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    for backend in BACKENDS {
+        let (srv, mut c) = Server::on(backend, true);
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        c.go(b"");
+        // Past the end: write ENOSPC (payload consumed), read EINVAL.
+        c.request(0, CMD_WRITE, 1, SIZE - 1, 2, &[1, 2]);
+        assert_eq!(c.simple(), (ENOSPC, 1));
+        c.request(0, CMD_READ, 2, SIZE, 1, &[]);
+        assert_eq!(c.simple(), (EINVAL, 2));
+        // Wrapping offset.
+        c.request(0, CMD_TRIM, 3, u64::MAX, 2, &[]);
+        assert_eq!(c.simple(), (EINVAL, 3));
+        // Unknown command and unknown flag.
+        c.request(0, 42, 4, 0, 1, &[]);
+        assert_eq!(c.simple(), (EINVAL, 4));
+        c.request(1 << 12, CMD_READ, 5, 0, 1, &[]);
+        assert_eq!(c.simple(), (EINVAL, 5));
+        // DF without structured replies; block status without a context.
+        c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 1, &[]);
+        assert_eq!(c.simple(), (EINVAL, 6));
+        c.request(0, CMD_BLOCK_STATUS, 7, 0, 1, &[]);
+        assert_eq!(c.simple(), (EINVAL, 7));
+        // Zero length.
+        c.request(0, CMD_READ, 8, 0, 0, &[]);
+        assert_eq!(c.simple(), (EINVAL, 8));
+        // An oversized write is drained and refused, and framing survives.
+        let big = vec![0u8; MAX_PAYLOAD as usize + 4096];
+        c.request(0, CMD_WRITE, 9, 0, big.len() as u32, &big);
+        assert_eq!(c.simple(), (EINVAL, 9));
+        c.request(0, CMD_READ, 10, 0, 16, &[]);
+        assert_eq!(c.simple(), (0, 10));
+        assert_eq!(c.read_n(16), vec![0u8; 16]);
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    }
 }
 
 #[test]
@@ -681,116 +902,126 @@ fn bad_request_magic_and_truncated_requests_hang_up() {
 
 #[test]
 fn structured_reads_send_holes_as_holes() {
-    let (srv, mut c) = Server::start(None);
-    c.negotiate_structured(true);
-    c.request(0, CMD_WRITE, 1, 65536, 4096, &[0xaa; 4096]);
-    assert_eq!(c.status(), 0);
-    // [0, 64K) hole, [64K, 68K) data, [68K, 128K) hole.
-    c.request(0, CMD_READ, 2, 0, 131072, &[]);
-    let ch = c.chunks();
-    let mut covered = 0u64;
-    let mut data_bytes = 0;
-    for (i, x) in ch.iter().enumerate() {
-        assert_eq!(x.cookie, 2);
-        assert_eq!(x.flags & REPLY_FLAG_DONE != 0, i == ch.len() - 1);
-        let off = be64(&x.payload[0..8]);
-        match x.kind {
-            REPLY_TYPE_OFFSET_HOLE => {
-                assert_eq!(off, covered);
-                covered += u64::from(be32(&x.payload[8..12]));
-            }
-            REPLY_TYPE_OFFSET_DATA => {
-                assert_eq!(off, covered);
-                let d = &x.payload[8..];
-                if off <= 65536 && off + d.len() as u64 >= 69632 {
-                    let at = (65536 - off) as usize;
-                    assert!(d[at..at + 4096].iter().all(|&b| b == 0xaa));
+    for backend in BACKENDS {
+        let (srv, mut c) = Server::on(backend, true);
+        c.negotiate_structured(true);
+        c.request(0, CMD_WRITE, 1, 65536, 4096, &[0xaa; 4096]);
+        assert_eq!(c.status(), 0);
+        // [0, 64K) hole, [64K, 68K) data, [68K, 128K) hole.
+        c.request(0, CMD_READ, 2, 0, 131072, &[]);
+        let ch = c.chunks();
+        let mut covered = 0u64;
+        let mut data_bytes = 0;
+        for (i, x) in ch.iter().enumerate() {
+            assert_eq!(x.cookie, 2);
+            assert_eq!(x.flags & REPLY_FLAG_DONE != 0, i == ch.len() - 1);
+            let off = be64(&x.payload[0..8]);
+            match x.kind {
+                REPLY_TYPE_OFFSET_HOLE => {
+                    assert_eq!(off, covered);
+                    covered += u64::from(be32(&x.payload[8..12]));
                 }
-                covered += d.len() as u64;
-                data_bytes += d.len();
+                REPLY_TYPE_OFFSET_DATA => {
+                    assert_eq!(off, covered);
+                    let d = &x.payload[8..];
+                    if off <= 65536 && off + d.len() as u64 >= 69632 {
+                        let at = (65536 - off) as usize;
+                        assert!(d[at..at + 4096].iter().all(|&b| b == 0xaa));
+                    }
+                    covered += d.len() as u64;
+                    data_bytes += d.len();
+                }
+                k => panic!("unexpected chunk type {k}"),
             }
-            k => panic!("unexpected chunk type {k}"),
         }
+        assert_eq!(covered, 131072);
+        assert!(data_bytes < 131072, "holes must not be sent as zero bytes");
+        // DF: exactly one data chunk with the zeroes in it.
+        c.request(CMD_FLAG_DF, CMD_READ, 3, 0, 131072, &[]);
+        let ch = c.chunks();
+        assert_eq!(ch.len(), 1);
+        assert_eq!(ch[0].kind, REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(ch[0].payload.len(), 8 + 131072);
+        // An error to a read is a structured error chunk.
+        c.request(0, CMD_READ, 4, SIZE, 1, &[]);
+        let ch = c.chunks();
+        assert_eq!(ch[0].kind, REPLY_TYPE_ERROR);
+        assert_eq!(be32(&ch[0].payload), EINVAL);
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        srv.join();
     }
-    assert_eq!(covered, 131072);
-    assert!(data_bytes < 131072, "holes must not be sent as zero bytes");
-    // DF: exactly one data chunk with the zeroes in it.
-    c.request(CMD_FLAG_DF, CMD_READ, 3, 0, 131072, &[]);
-    let ch = c.chunks();
-    assert_eq!(ch.len(), 1);
-    assert_eq!(ch[0].kind, REPLY_TYPE_OFFSET_DATA);
-    assert_eq!(ch[0].payload.len(), 8 + 131072);
-    // An error to a read is a structured error chunk.
-    c.request(0, CMD_READ, 4, SIZE, 1, &[]);
-    let ch = c.chunks();
-    assert_eq!(ch[0].kind, REPLY_TYPE_ERROR);
-    assert_eq!(be32(&ch[0].payload), EINVAL);
-    c.request(0, CMD_DISC, 1, 0, 0, &[]);
-    srv.join();
 }
 
 #[test]
 fn block_status_trim_and_zeroes() {
-    let (srv, mut c) = Server::start(None);
-    c.negotiate_structured(true);
-    let extents = |c: &mut Client, flags: u16| -> Vec<(u32, u32)> {
-        c.request(flags, CMD_BLOCK_STATUS, 9, 0, SIZE as u32, &[]);
+    for backend in BACKENDS {
+        let (srv, mut c) = Server::on(backend, true);
+        c.negotiate_structured(true);
+        let extents = |c: &mut Client, flags: u16| -> Vec<(u32, u32)> {
+            c.request(flags, CMD_BLOCK_STATUS, 9, 0, SIZE as u32, &[]);
+            let ch = c.chunks();
+            assert_eq!(ch.len(), 1);
+            assert_eq!(ch[0].kind, REPLY_TYPE_BLOCK_STATUS);
+            assert_eq!(be32(&ch[0].payload), META_ID_BASE_ALLOCATION);
+            ch[0].payload[4..]
+                .chunks_exact(8)
+                .map(|d| (be32(&d[0..4]), be32(&d[4..8])))
+                .collect()
+        };
+        assert_eq!(
+            extents(&mut c, 0),
+            vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
+        );
+        c.request(0, CMD_WRITE, 1, 1 << 20, 65536, &[1u8; 65536]);
+        assert_eq!(c.status(), 0);
+        let e = extents(&mut c, 0);
+        assert_eq!(e.iter().map(|x| u64::from(x.0)).sum::<u64>(), SIZE);
+        assert!(e.iter().any(|x| x.1 == 0), "written range is data: {e:?}");
+        // REQ_ONE: exactly one descriptor, not past the request.
+        let one = extents(&mut c, CMD_FLAG_REQ_ONE);
+        assert_eq!(one, vec![(1 << 20, STATE_HOLE | STATE_ZERO)]);
+        // TRIM punches the data back into a hole.
+        c.request(0, CMD_TRIM, 2, 1 << 20, 65536, &[]);
+        assert_eq!(c.status(), 0);
+        assert_eq!(
+            extents(&mut c, 0),
+            vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
+        );
+        // WRITE_ZEROES (fast, and with NO_HOLE) reads back as zeroes.
+        c.request(0, CMD_WRITE, 3, 0, 4096, &[9u8; 4096]);
+        assert_eq!(c.status(), 0);
+        c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 4, 0, 4096, &[]);
+        assert_eq!(c.status(), 0);
+        c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 8192, 4096, &[]);
+        assert_eq!(c.status(), 0);
+        c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 16384, &[]);
         let ch = c.chunks();
-        assert_eq!(ch.len(), 1);
-        assert_eq!(ch[0].kind, REPLY_TYPE_BLOCK_STATUS);
-        assert_eq!(be32(&ch[0].payload), META_ID_BASE_ALLOCATION);
-        ch[0].payload[4..]
-            .chunks_exact(8)
-            .map(|d| (be32(&d[0..4]), be32(&d[4..8])))
-            .collect()
-    };
-    assert_eq!(
-        extents(&mut c, 0),
-        vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
-    );
-    c.request(0, CMD_WRITE, 1, 1 << 20, 65536, &[1u8; 65536]);
-    assert_eq!(c.status(), 0);
-    let e = extents(&mut c, 0);
-    assert_eq!(e.iter().map(|x| u64::from(x.0)).sum::<u64>(), SIZE);
-    assert!(e.iter().any(|x| x.1 == 0), "written range is data: {e:?}");
-    // REQ_ONE: exactly one descriptor, not past the request.
-    let one = extents(&mut c, CMD_FLAG_REQ_ONE);
-    assert_eq!(one, vec![(1 << 20, STATE_HOLE | STATE_ZERO)]);
-    // TRIM punches the data back into a hole.
-    c.request(0, CMD_TRIM, 2, 1 << 20, 65536, &[]);
-    assert_eq!(c.status(), 0);
-    assert_eq!(
-        extents(&mut c, 0),
-        vec![(SIZE as u32, STATE_HOLE | STATE_ZERO)]
-    );
-    // WRITE_ZEROES (fast, and with NO_HOLE) reads back as zeroes.
-    c.request(0, CMD_WRITE, 3, 0, 4096, &[9u8; 4096]);
-    assert_eq!(c.status(), 0);
-    c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 4, 0, 4096, &[]);
-    assert_eq!(c.status(), 0);
-    c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 8192, 4096, &[]);
-    assert_eq!(c.status(), 0);
-    c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 16384, &[]);
-    let ch = c.chunks();
-    assert!(ch[0].payload[8..].iter().all(|&b| b == 0));
-    // WRITE_ZEROES past the end: ENOSPC.
-    c.request(0, CMD_WRITE_ZEROES, 7, SIZE, 1, &[]);
-    assert_eq!(c.status(), ENOSPC);
-    c.request(0, CMD_CACHE, 8, 0, 4096, &[]);
-    assert_eq!(c.status(), 0);
-    c.request(0, CMD_DISC, 1, 0, 0, &[]);
-    srv.join();
+        assert!(ch[0].payload[8..].iter().all(|&b| b == 0));
+        // WRITE_ZEROES past the end: ENOSPC.
+        c.request(0, CMD_WRITE_ZEROES, 7, SIZE, 1, &[]);
+        assert_eq!(c.status(), ENOSPC);
+        c.request(0, CMD_CACHE, 8, 0, 4096, &[]);
+        assert_eq!(c.status(), 0);
+        c.request(0, CMD_DISC, 1, 0, 0, &[]);
+        srv.join();
+    }
 }
 
 #[test]
 fn extended_headers_round_trip() {
-    let (srv, mut c) = Server::start(None);
-    c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
-    assert_eq!(c.haggle(OPT_EXTENDED_HEADERS, &[])[0].kind, REP_ACK);
-    c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
-    c.go(b"");
-    let ext =
-        |c: &mut Client, flags: u16, cmd: u16, cookie: u64, off: u64, len: u64, payload: &[u8]| {
+    for backend in BACKENDS {
+        let (srv, mut c) = Server::on(backend, true);
+        c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+        assert_eq!(c.haggle(OPT_EXTENDED_HEADERS, &[])[0].kind, REP_ACK);
+        c.haggle(OPT_SET_META_CONTEXT, &meta_data(b"", &[b"base:allocation"]));
+        c.go(b"");
+        let ext = |c: &mut Client,
+                   flags: u16,
+                   cmd: u16,
+                   cookie: u64,
+                   off: u64,
+                   len: u64,
+                   payload: &[u8]| {
             let mut m = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
             m.extend_from_slice(&flags.to_be_bytes());
             m.extend_from_slice(&cmd.to_be_bytes());
@@ -800,54 +1031,55 @@ fn extended_headers_round_trip() {
             m.extend_from_slice(payload);
             c.s.write_all(&m).unwrap();
         };
-    let reply = |c: &mut Client| {
-        let h = c.read_n(32);
-        assert_eq!(be32(&h[0..4]), EXTENDED_REPLY_MAGIC);
-        let len = be64(&h[24..32]) as usize;
-        (
-            be16(&h[4..6]),
-            be16(&h[6..8]),
-            be64(&h[8..16]),
-            be64(&h[16..24]),
-            c.read_n(len),
-        )
-    };
-    ext(
-        &mut c,
-        CMD_FLAG_PAYLOAD_LEN,
-        CMD_WRITE,
-        1,
-        4096,
-        4,
-        &[1, 2, 3, 4],
-    );
-    let (flags, kind, cookie, off, _) = reply(&mut c);
-    assert_eq!(
-        (flags, kind, cookie, off),
-        (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 4096)
-    );
-    // WRITE without PAYLOAD_LEN (as qemu sends it) still carries its data.
-    ext(&mut c, 0, CMD_WRITE, 2, 8192, 4, &[5, 6, 7, 8]);
-    let (_, kind, _, _, _) = reply(&mut c);
-    assert_eq!(kind, REPLY_TYPE_NONE);
-    // Another command with a payload: consumed, refused, framing kept.
-    ext(&mut c, CMD_FLAG_PAYLOAD_LEN, CMD_TRIM, 6, 0, 3, &[1, 2, 3]);
-    let (_, kind, cookie, _, p) = reply(&mut c);
-    assert_eq!((kind, cookie, be32(&p)), (REPLY_TYPE_ERROR, 6, EINVAL));
-    ext(&mut c, CMD_FLAG_DF, CMD_READ, 3, 4096, 4, &[]);
-    let (_, kind, _, _, p) = reply(&mut c);
-    assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);
-    assert_eq!(&p[8..], &[1, 2, 3, 4]);
-    ext(&mut c, 0, CMD_BLOCK_STATUS, 4, 0, SIZE, &[]);
-    let (_, kind, _, _, p) = reply(&mut c);
-    assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS_EXT);
-    assert_eq!(be32(&p[0..4]), META_ID_BASE_ALLOCATION);
-    let n = be32(&p[4..8]) as usize;
-    assert_eq!(p.len(), 8 + 16 * n);
-    let total: u64 = p[8..].chunks_exact(16).map(|d| be64(&d[0..8])).sum();
-    assert_eq!(total, SIZE);
-    ext(&mut c, 0, CMD_DISC, 5, 0, 0, &[]);
-    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        let reply = |c: &mut Client| {
+            let h = c.read_n(32);
+            assert_eq!(be32(&h[0..4]), EXTENDED_REPLY_MAGIC);
+            let len = be64(&h[24..32]) as usize;
+            (
+                be16(&h[4..6]),
+                be16(&h[6..8]),
+                be64(&h[8..16]),
+                be64(&h[16..24]),
+                c.read_n(len),
+            )
+        };
+        ext(
+            &mut c,
+            CMD_FLAG_PAYLOAD_LEN,
+            CMD_WRITE,
+            1,
+            4096,
+            4,
+            &[1, 2, 3, 4],
+        );
+        let (flags, kind, cookie, off, _) = reply(&mut c);
+        assert_eq!(
+            (flags, kind, cookie, off),
+            (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 4096)
+        );
+        // WRITE without PAYLOAD_LEN (as qemu sends it) still carries its data.
+        ext(&mut c, 0, CMD_WRITE, 2, 8192, 4, &[5, 6, 7, 8]);
+        let (_, kind, _, _, _) = reply(&mut c);
+        assert_eq!(kind, REPLY_TYPE_NONE);
+        // Another command with a payload: consumed, refused, framing kept.
+        ext(&mut c, CMD_FLAG_PAYLOAD_LEN, CMD_TRIM, 6, 0, 3, &[1, 2, 3]);
+        let (_, kind, cookie, _, p) = reply(&mut c);
+        assert_eq!((kind, cookie, be32(&p)), (REPLY_TYPE_ERROR, 6, EINVAL));
+        ext(&mut c, CMD_FLAG_DF, CMD_READ, 3, 4096, 4, &[]);
+        let (_, kind, _, _, p) = reply(&mut c);
+        assert_eq!(kind, REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(&p[8..], &[1, 2, 3, 4]);
+        ext(&mut c, 0, CMD_BLOCK_STATUS, 4, 0, SIZE, &[]);
+        let (_, kind, _, _, p) = reply(&mut c);
+        assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS_EXT);
+        assert_eq!(be32(&p[0..4]), META_ID_BASE_ALLOCATION);
+        let n = be32(&p[4..8]) as usize;
+        assert_eq!(p.len(), 8 + 16 * n);
+        let total: u64 = p[8..].chunks_exact(16).map(|d| be64(&d[0..8])).sum();
+        assert_eq!(total, SIZE);
+        ext(&mut c, 0, CMD_DISC, 5, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    }
 }
 
 // --- TLS policy in negotiation ------------------------------------------------------
@@ -893,8 +1125,12 @@ fn starttls_when_offered_and_again_when_active() {
 
 #[test]
 fn large_transfers_are_the_same_with_and_without_zero_copy() {
-    for zero_copy in [true, false] {
-        let (srv, mut c) = Server::start_full(None, Tls::Unavailable, zero_copy);
+    for (zero_copy, backend) in [
+        (true, Backend::Image),
+        (false, Backend::Image),
+        (true, Backend::Memory),
+    ] {
+        let (srv, mut c) = Server::on(backend, zero_copy);
         c.negotiate_structured(true);
         // 256 KiB of data at 1 MiB, then a 1 MiB read spanning hole, data,
         // hole, and a DF read of the data alone.
@@ -935,7 +1171,7 @@ fn large_transfers_are_the_same_with_and_without_zero_copy() {
         assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
 
         // Simple replies too.
-        let (srv, mut c) = Server::start_full(None, Tls::Unavailable, zero_copy);
+        let (srv, mut c) = Server::on(backend, zero_copy);
         c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
         c.go(b"");
         c.request(0, CMD_WRITE, 1, 65536, data.len() as u32, &data);
@@ -959,12 +1195,8 @@ fn nothing_negotiated_before_starttls_survives_it() {
     let (a, b) = UnixStream::pair().unwrap();
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let server = std::thread::spawn(move || {
-        let mut ex = TestExports {
-            image: None,
-            builds: 0,
-            fail: None,
-        };
-        let mut s = Stream::new(a);
+        let mut ex = TestExports::new(Backend::Image, None);
+        let mut s = Stream::new(Copying(a));
         let nz = handshake(&mut s).unwrap();
         assert!(matches!(
             negotiate(&mut s, &mut ex, nz, Tls::Offered),
@@ -1001,62 +1233,64 @@ fn nothing_negotiated_before_starttls_survives_it() {
 
 #[test]
 fn pipelined_large_writes_are_done_before_anything_after_them() {
-    // A read pipelined right behind large (spliced) writes must see all of
-    // them, in order (the last write wins).
-    let (srv, mut c) = Server::start_full(None, Tls::Unavailable, true);
-    c.negotiate_structured(false);
-    let block = |v: u8| vec![v; 256 * 1024];
-    let mut all = Vec::new();
-    for (cookie, v) in [(1u64, 1u8), (2, 2), (3, 3), (4, 4), (5, 5)] {
-        // Writes 1-4 at consecutive offsets, write 5 over write 2.
-        let off = if v == 5 {
-            256 * 1024
-        } else {
-            u64::from(v - 1) * 256 * 1024
-        };
-        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&CMD_WRITE.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&off.to_be_bytes());
-        m.extend_from_slice(&(256u32 * 1024).to_be_bytes());
-        m.extend_from_slice(&block(v));
-        all.extend(m);
-    }
-    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-    m.extend_from_slice(&CMD_FLAG_DF.to_be_bytes());
-    m.extend_from_slice(&CMD_READ.to_be_bytes());
-    m.extend_from_slice(&9u64.to_be_bytes());
-    m.extend_from_slice(&0u64.to_be_bytes());
-    m.extend_from_slice(&(1024u32 * 1024).to_be_bytes());
-    all.extend(m);
-    let mut w = c.s.try_clone().unwrap();
-    let sender = std::thread::spawn(move || w.write_all(&all).unwrap());
-    let mut statuses = Vec::new();
-    let mut data = None;
-    while data.is_none() || statuses.len() < 5 {
-        let magic = c.read_n(4);
-        if be32(&magic) == SIMPLE_REPLY_MAGIC {
-            let rest = c.read_n(12);
-            assert_eq!(be32(&rest[0..4]), 0, "write failed");
-            statuses.push(be64(&rest[4..12]));
-        } else {
-            let rest = c.read_n(16);
-            let payload = c.read_n(be32(&rest[12..16]) as usize);
-            assert_eq!(be16(&rest[2..4]), REPLY_TYPE_OFFSET_DATA);
-            assert_eq!(be64(&rest[4..12]), 9);
-            data = Some(payload[8..].to_vec());
+    for backend in BACKENDS {
+        // A read pipelined right behind large (spliced) writes must see all of
+        // them, in order (the last write wins).
+        let (srv, mut c) = Server::on(backend, true);
+        c.negotiate_structured(false);
+        let block = |v: u8| vec![v; 256 * 1024];
+        let mut all = Vec::new();
+        for (cookie, v) in [(1u64, 1u8), (2, 2), (3, 3), (4, 4), (5, 5)] {
+            // Writes 1-4 at consecutive offsets, write 5 over write 2.
+            let off = if v == 5 {
+                256 * 1024
+            } else {
+                u64::from(v - 1) * 256 * 1024
+            };
+            let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u16.to_be_bytes());
+            m.extend_from_slice(&CMD_WRITE.to_be_bytes());
+            m.extend_from_slice(&cookie.to_be_bytes());
+            m.extend_from_slice(&off.to_be_bytes());
+            m.extend_from_slice(&(256u32 * 1024).to_be_bytes());
+            m.extend_from_slice(&block(v));
+            all.extend(m);
         }
+        let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&CMD_FLAG_DF.to_be_bytes());
+        m.extend_from_slice(&CMD_READ.to_be_bytes());
+        m.extend_from_slice(&9u64.to_be_bytes());
+        m.extend_from_slice(&0u64.to_be_bytes());
+        m.extend_from_slice(&(1024u32 * 1024).to_be_bytes());
+        all.extend(m);
+        let mut w = c.s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || w.write_all(&all).unwrap());
+        let mut statuses = Vec::new();
+        let mut data = None;
+        while data.is_none() || statuses.len() < 5 {
+            let magic = c.read_n(4);
+            if be32(&magic) == SIMPLE_REPLY_MAGIC {
+                let rest = c.read_n(12);
+                assert_eq!(be32(&rest[0..4]), 0, "write failed");
+                statuses.push(be64(&rest[4..12]));
+            } else {
+                let rest = c.read_n(16);
+                let payload = c.read_n(be32(&rest[12..16]) as usize);
+                assert_eq!(be16(&rest[2..4]), REPLY_TYPE_OFFSET_DATA);
+                assert_eq!(be64(&rest[4..12]), 9);
+                data = Some(payload[8..].to_vec());
+            }
+        }
+        sender.join().unwrap();
+        statuses.sort();
+        assert_eq!(statuses, vec![1, 2, 3, 4, 5]);
+        let data = data.unwrap();
+        let expect: Vec<u8> = [1u8, 5, 3, 4].iter().flat_map(|&v| block(v)).collect();
+        assert!(
+            data == expect,
+            "the read did not see the writes before it, in order"
+        );
+        c.request(0, CMD_DISC, 10, 0, 0, &[]);
+        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
     }
-    sender.join().unwrap();
-    statuses.sort();
-    assert_eq!(statuses, vec![1, 2, 3, 4, 5]);
-    let data = data.unwrap();
-    let expect: Vec<u8> = [1u8, 5, 3, 4].iter().flat_map(|&v| block(v)).collect();
-    assert!(
-        data == expect,
-        "the read did not see the writes before it, in order"
-    );
-    c.request(0, CMD_DISC, 10, 0, 0, &[]);
-    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
 }

@@ -5,19 +5,17 @@
 //! disk, one process); pipelined requests are read from the buffer and
 //! their replies batched (see [`Stream`]). Reads are hole-aware: with
 //! structured replies an unallocated range goes out as an OFFSET_HOLE chunk
-//! of 12 bytes instead of its zeroes.
+//! of 12 bytes instead of its zeroes. The disk is whatever implements
+//! [`Storage`].
 
 use tracing::{debug, warn};
 
-use std::os::fd::AsFd;
-
-use super::buf::PageBuf;
 use super::error::{Hangup, ReplyError};
 use super::negotiate::{Negotiated, Replies};
-use super::stream::{Channel, Received, Stream, ZERO_COPY_MIN};
+use super::storage::{Extent, Storage};
+use super::stream::{Channel, PIECE, Stream, ZERO_COPY_MIN};
 use super::validate::{Command, Limits, max_drain, payload_len, validate};
 use super::wire::*;
-use crate::image::{Extent, Image};
 
 /// Most descriptors sent in one block-status reply: plenty for a client to
 /// make progress, and a bound on the work one request can cause.
@@ -45,97 +43,104 @@ pub enum End {
 }
 
 /// Serve requests until the client leaves.
-pub fn serve<C: Channel>(
+pub fn serve<C: Channel, S: Storage + ?Sized>(
     s: &mut Stream<C>,
-    image: &Image,
+    disk: &S,
     n: &Negotiated,
     stats: &mut Stats,
 ) -> Result<End, Hangup> {
     let mut t = Transmission {
         s,
-        image,
+        disk,
         replies: n.replies,
         limits: Limits {
             size: n.size,
             replies: n.replies,
             base_allocation: n.base_allocation,
         },
-        data: PageBuf::default(),
         buf: Vec::new(),
         extents: Vec::new(),
         stats,
     };
-    loop {
-        let Some(req) = t.next_request()? else {
-            return Ok(End::Closed);
-        };
-        t.stats.requests += 1;
-        let payload = payload_len(&req, t.replies);
-        let cmd = match validate(&req, &t.limits) {
-            Ok(cmd) => cmd,
-            Err(e) => {
-                if payload > max_drain(t.replies) {
-                    return Err(Hangup::Protocol(format!(
-                        "{}: {} and its {payload}-byte payload is too large to skip",
-                        command_name(req.command),
-                        e.message
-                    )));
-                }
-                t.s.skip(payload).map_err(|e| Hangup::from_io(e, true))?;
-                t.reply_error(&req, &e)?;
-                continue;
-            }
-        };
-        match cmd {
-            Command::Disc => {
-                t.s.flush().map_err(|e| Hangup::from_io(e, false))?;
-                return Ok(End::Disconnect);
-            }
-            Command::Read { df } => t.read(&req, df)?,
-            Command::Write => t.write(&req)?,
-            // The disk is temporary and dies with the process: there is
-            // nothing to make durable, so FLUSH (and FUA) are no-ops.
-            Command::Flush => t.reply_ok(&req)?,
-            Command::Trim => {
-                let r = match image.punch_hole(req.offset, req.length) {
-                    // TRIM is advisory: a filesystem that cannot punch holes
-                    // simply keeps the data.
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-                    r => r.map_err(|e| ReplyError::from_io("trim", &e)),
-                };
-                t.reply(&req, r)?;
-            }
-            Command::Cache => {
-                // Advisory too; the data is in the page cache or a hole.
-                if let Err(e) = image.prefetch(req.offset, req.length) {
-                    debug!(error = %e, "cache hint failed");
-                }
-                t.reply_ok(&req)?;
-            }
-            Command::WriteZeroes { no_hole, fast } => {
-                let r = t.write_zeroes(&req, no_hole, fast);
-                t.reply(&req, r)?;
-            }
-            Command::BlockStatus { req_one } => t.block_status(&req, req_one)?,
-        }
+    let r = t.run();
+    if let Err(Hangup::Protocol(_)) = &r {
+        // Replies to the requests before the one that broke framing are
+        // owed; the client may still be reading.
+        let _ = t.s.flush();
     }
+    r
 }
 
-struct Transmission<'a, C> {
+struct Transmission<'a, C, S: ?Sized> {
     s: &'a mut Stream<C>,
-    image: &'a Image,
+    disk: &'a S,
     replies: Replies,
     limits: Limits,
-    /// Reused for every read and write payload: no per-request allocation,
-    /// and page-aligned for fast copies.
-    data: PageBuf,
-    /// Reused for zeroes and block-status replies.
+    /// Reused for block-status replies.
     buf: Vec<u8>,
     extents: Vec<Extent>,
     stats: &'a mut Stats,
 }
 
-impl<C: Channel> Transmission<'_, C> {
+impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
+    fn run(&mut self) -> Result<End, Hangup> {
+        loop {
+            let Some(req) = self.next_request()? else {
+                return Ok(End::Closed);
+            };
+            self.stats.requests += 1;
+            let payload = payload_len(&req, self.replies);
+            let cmd = match validate(&req, &self.limits) {
+                Ok(cmd) => cmd,
+                Err(e) => {
+                    if payload > max_drain(self.replies) {
+                        return Err(Hangup::Protocol(format!(
+                            "{}: {} and its {payload}-byte payload is too large to skip",
+                            command_name(req.command),
+                            e.message
+                        )));
+                    }
+                    self.s.skip(payload)?;
+                    self.reply_error(&req, &e)?;
+                    continue;
+                }
+            };
+            let (off, len) = (req.offset, req.length);
+            match cmd {
+                Command::Disc => {
+                    self.s.flush()?;
+                    return Ok(End::Disconnect);
+                }
+                Command::Read { df } => self.read(&req, df)?,
+                Command::Write => {
+                    let r = self.s.receive(self.disk, off, len as usize)?;
+                    self.stats.bytes_written += len;
+                    self.reply(&req, r.map_err(|e| ReplyError::from_io("write", &e, &req)))?;
+                }
+                // The disk is temporary and dies with the process: there is
+                // nothing to make durable, so FLUSH (and FUA) are no-ops.
+                Command::Flush => self.reply_ok(&req)?,
+                Command::Trim => {
+                    let r = self.disk.trim(off, len);
+                    self.reply(&req, r.map_err(|e| ReplyError::from_io("trim", &e, &req)))?;
+                }
+                Command::Cache => {
+                    // Advisory: the data is in the page cache or a hole.
+                    if let Err(e) = self.disk.cache(off, len) {
+                        debug!(error = %e, "cache hint failed");
+                    }
+                    self.reply_ok(&req)?;
+                }
+                Command::WriteZeroes { no_hole, fast } => {
+                    let r = self.disk.zero(off, len, !no_hole, fast);
+                    let r = r.map_err(|e| ReplyError::from_io("write zeroes", &e, &req));
+                    self.reply(&req, r)?;
+                }
+                Command::BlockStatus { req_one } => self.block_status(&req, req_one)?,
+            }
+        }
+    }
+
     fn next_request(&mut self) -> Result<Option<Request>, Hangup> {
         let extended = self.replies == Replies::Extended;
         let len = if extended {
@@ -144,11 +149,7 @@ impl<C: Channel> Transmission<'_, C> {
             COMPACT_REQUEST_LEN
         };
         let mut h = [0u8; EXTENDED_REQUEST_LEN];
-        if !self
-            .s
-            .read_message(&mut h[..len])
-            .map_err(|e| Hangup::from_io(e, true))?
-        {
+        if !self.s.read_message(&mut h[..len])? {
             return Ok(None);
         }
         let decoded = match h.first_chunk() {
@@ -161,28 +162,9 @@ impl<C: Channel> Transmission<'_, C> {
     }
 
     fn read(&mut self, req: &Request, df: bool) -> Result<(), Hangup> {
-        let len = req.length as usize;
         self.stats.bytes_read += req.length;
         if !self.replies.structured() {
-            let h = simple_reply(0, req.cookie);
-            // Large reads go by sendfile. Its header leaves before the data
-            // is read, so a (very unlikely) read error of the image after
-            // that can only end the session, as the spec requires.
-            if len >= ZERO_COPY_MIN
-                && self
-                    .s
-                    .send_file(&h, self.image.as_fd(), req.offset, len)
-                    .map_err(|e| Hangup::from_io(e, false))?
-            {
-                return Ok(());
-            }
-            // Simple reply: the header may only go out once the data is in
-            // hand, because an error after it cannot be reported.
-            let data = self.data.get(0, len);
-            if let Err(e) = self.image.read_at(data, req.offset) {
-                return self.reply_error(req, &ReplyError::from_io("read", &e));
-            }
-            return self.s.send(&h, data).map_err(|e| Hangup::from_io(e, false));
+            return self.read_simple(req);
         }
         self.extents.clear();
         if df {
@@ -193,17 +175,16 @@ impl<C: Channel> Transmission<'_, C> {
                 data: true,
             });
         } else if let Err(e) =
-            self.image
+            self.disk
                 .extents(req.offset, req.length, usize::MAX, &mut self.extents)
         {
-            return self.reply_error(req, &ReplyError::from_io("read", &e));
+            return self.reply_error(req, &ReplyError::from_io("read", &e, req));
         }
         let extents = std::mem::take(&mut self.extents);
         let last = extents.len().saturating_sub(1);
         let mut result = Ok(true);
         for (i, x) in extents.iter().enumerate() {
-            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-            result = self.read_chunk(req, x, flags);
+            result = self.read_chunks(req, x, i == last, df);
             if !matches!(result, Ok(true)) {
                 break;
             }
@@ -212,114 +193,127 @@ impl<C: Channel> Transmission<'_, C> {
         result.map(|_| ())
     }
 
-    /// Send one chunk of a structured read. Ok(false) when the read failed
-    /// and an error chunk ended the reply.
-    fn read_chunk(&mut self, req: &Request, x: &Extent, flags: u16) -> Result<bool, Hangup> {
-        let off = x.offset.to_be_bytes();
+    /// A read with a simple reply: one header, then the data. The header
+    /// may only go out once the first piece is in hand, because an error
+    /// after it cannot be reported: a later piece that cannot be read (or
+    /// a failure after sendfile began) ends the session, as the spec
+    /// requires.
+    fn read_simple(&mut self, req: &Request) -> Result<(), Hangup> {
+        let h = simple_reply(0, req.cookie);
+        let len = req.length as usize;
+        if len >= ZERO_COPY_MIN && self.s.send_range(&h, self.disk, req.offset, len)? {
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            if let Err(e) = self
+                .disk
+                .read_at(self.s.payload(0, n), req.offset + done as u64)
+            {
+                if done == 0 {
+                    return self.reply_error(req, &ReplyError::from_io("read", &e, req));
+                }
+                return Err(Hangup::Server(format!(
+                    "the disk failed a read after its simple reply began: {e}"
+                )));
+            }
+            let head: &[u8] = if done == 0 { &h } else { &[] };
+            self.s.send_payload(head, 0, n, false)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Send one extent of a structured read: a hole chunk, or its data in
+    /// one chunk sent from the disk inside the kernel, or read through the
+    /// payload buffer in pieces of at most [`PIECE`] bytes. Each piece is
+    /// a chunk of its own, so that a piece that cannot be read is reported
+    /// with an error chunk; with DF (`one_chunk`) the data is one chunk
+    /// whose header goes out with the first piece, and a later piece that
+    /// fails can only end the session. `last`: the final chunk carries the
+    /// DONE flag. Ok(false) when the read failed and an error chunk ended
+    /// the reply.
+    fn read_chunks(
+        &mut self,
+        req: &Request,
+        x: &Extent,
+        last: bool,
+        one_chunk: bool,
+    ) -> Result<bool, Hangup> {
+        let done_if = |end: bool| if end { REPLY_FLAG_DONE } else { 0 };
         if !x.data {
             let mut p = [0u8; 12];
-            p[..8].copy_from_slice(&off);
+            p[..8].copy_from_slice(&x.offset.to_be_bytes());
             // A hole inside one request fits in u32 (payloads are <= 32 MiB).
             p[8..].copy_from_slice(&(x.length as u32).to_be_bytes());
-            let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, req, 12);
-            self.s
-                .queue(&[&h[..hl], &p])
-                .map_err(|e| Hangup::from_io(e, false))?;
+            let (h, hl) = self.chunk_header(done_if(last), REPLY_TYPE_OFFSET_HOLE, req, 12);
+            self.s.queue(&[&h[..hl], &p])?;
             return Ok(true);
         }
         let len = x.length as usize;
-        let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
         if len >= ZERO_COPY_MIN {
+            let flags = done_if(last);
+            let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
             let mut head = [0u8; 40];
             head[..hl].copy_from_slice(&h[..hl]);
-            head[hl..hl + 8].copy_from_slice(&off);
+            head[hl..hl + 8].copy_from_slice(&x.offset.to_be_bytes());
             if self
                 .s
-                .send_file(&head[..hl + 8], self.image.as_fd(), x.offset, len)
-                .map_err(|e| Hangup::from_io(e, false))?
+                .send_range(&head[..hl + 8], self.disk, x.offset, len)?
             {
                 return Ok(true);
             }
         }
-        // Room for the offset in front of the data, so the chunk's payload
-        // is one contiguous slice.
-        let payload = self.data.get(8, len);
-        payload[..8].copy_from_slice(&off);
-        if let Err(e) = self.image.read_at(&mut payload[8..], x.offset) {
-            let err = ReplyError::from_io("read", &e);
-            self.reply_error_at(req, &err, x.offset)?;
-            return Ok(false);
-        }
-        self.s
-            .send(&h[..hl], payload)
-            .map_err(|e| Hangup::from_io(e, false))?;
-        Ok(true)
-    }
-
-    fn write(&mut self, req: &Request) -> Result<(), Hangup> {
-        let len = req.length as usize;
-        if len >= ZERO_COPY_MIN {
-            let received = self
-                .s
-                .recv_into_file(self.image.as_fd(), req.offset, len)
-                .map_err(|e| Hangup::from_io(e, true))?;
-            if let Some(r) = received {
-                self.stats.bytes_written += req.length;
-                let r = match r {
-                    Received::Stored => Ok(()),
-                    Received::Failed(e) => Err(ReplyError::from_io("write", &e)),
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            let at = x.offset + done as u64;
+            // Room for the offset in front of the data, so the chunk's
+            // payload is one contiguous slice.
+            let payload = self.s.payload(8, n);
+            payload[..8].copy_from_slice(&at.to_be_bytes());
+            if let Err(e) = self.disk.read_at(&mut payload[8..], at) {
+                if one_chunk && done > 0 {
+                    return Err(Hangup::Server(format!(
+                        "the disk failed a read after its reply chunk began: {e}"
+                    )));
+                }
+                self.reply_error_at(req, &ReplyError::from_io("read", &e, req), at)?;
+                return Ok(false);
+            }
+            if one_chunk {
+                // One header for the whole extent, then the pieces as they
+                // are read (the offset goes out once, in front).
+                let (h, hl) = match done {
+                    0 => self.chunk_header(
+                        done_if(last),
+                        REPLY_TYPE_OFFSET_DATA,
+                        req,
+                        8 + len as u64,
+                    ),
+                    _ => ([0u8; 32], 0),
                 };
-                return self.reply(req, r);
+                self.s.send_payload(&h[..hl], 8, n, done > 0)?;
+            } else {
+                let end = last && done + n == len;
+                let (h, hl) =
+                    self.chunk_header(done_if(end), REPLY_TYPE_OFFSET_DATA, req, 8 + n as u64);
+                self.s.send_payload(&h[..hl], 8, n, false)?;
             }
+            done += n;
         }
-        let data = self.data.get(0, len);
-        self.s
-            .read_exact(data)
-            .map_err(|e| Hangup::from_io(e, true))?;
-        self.stats.bytes_written += req.length;
-        let r = self
-            .image
-            .write_at(data, req.offset)
-            .map_err(|e| ReplyError::from_io("write", &e));
-        self.reply(req, r)
-    }
-
-    /// Zero a range by fallocate. Without NO_HOLE a punched hole is best:
-    /// it reads as zeroes and frees space. FAST_ZERO only succeeds where
-    /// fallocate does; we never fall back to writing zeroes for it.
-    fn write_zeroes(&mut self, req: &Request, no_hole: bool, fast: bool) -> Result<(), ReplyError> {
-        let unsupported = |e: &std::io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
-        let (off, len) = (req.offset, req.length);
-        if !no_hole {
-            match self.image.punch_hole(off, len) {
-                Err(e) if unsupported(&e) => {}
-                r => return r.map_err(|e| ReplyError::from_io("write zeroes", &e)),
-            }
-        }
-        match self.image.zero_range(off, len) {
-            Err(e) if unsupported(&e) => {}
-            r => return r.map_err(|e| ReplyError::from_io("write zeroes", &e)),
-        }
-        if fast {
-            return Err(ReplyError::new(
-                ENOTSUP,
-                "this filesystem cannot zero without writing",
-            ));
-        }
-        let mut scratch = std::mem::take(&mut self.buf);
-        let r = self.image.write_zeroes(off, len, &mut scratch);
-        self.buf = scratch;
-        r.map_err(|e| ReplyError::from_io("write zeroes", &e))
+        Ok(true)
     }
 
     fn block_status(&mut self, req: &Request, req_one: bool) -> Result<(), Hangup> {
         self.extents.clear();
         let max = if req_one { 1 } else { MAX_DESCRIPTORS };
         if let Err(e) = self
-            .image
+            .disk
             .extents(req.offset, req.length, max, &mut self.extents)
         {
-            return self.reply_error(req, &ReplyError::from_io("block status", &e));
+            return self.reply_error(req, &ReplyError::from_io("block status", &e, req));
         }
         let extended = self.replies == Replies::Extended;
         let mut p = std::mem::take(&mut self.buf);
@@ -346,10 +340,7 @@ impl<C: Channel> Transmission<'_, C> {
             REPLY_TYPE_BLOCK_STATUS
         };
         let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
-        let r = self
-            .s
-            .send(&h[..hl], &p)
-            .map_err(|e| Hangup::from_io(e, false));
+        let r = self.s.send(&h[..hl], &p);
         self.buf = p;
         r
     }
@@ -378,13 +369,9 @@ impl<C: Channel> Transmission<'_, C> {
         if self.replies == Replies::Extended {
             // No simple replies with extended headers.
             let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
-            return self
-                .s
-                .queue(&[&h[..hl]])
-                .map_err(|e| Hangup::from_io(e, false));
+            return self.s.queue(&[&h[..hl]]);
         }
-        let h = simple_reply(0, req.cookie);
-        self.s.queue(&[&h]).map_err(|e| Hangup::from_io(e, false))
+        self.s.queue(&[&simple_reply(0, req.cookie)])
     }
 
     fn reply_error(&mut self, req: &Request, e: &ReplyError) -> Result<(), Hangup> {
@@ -423,8 +410,7 @@ impl<C: Channel> Transmission<'_, C> {
             "request failed"
         );
         if !self.replies.structured() {
-            let h = simple_reply(e.errno, req.cookie);
-            return self.s.queue(&[&h]).map_err(|e| Hangup::from_io(e, false));
+            return self.s.queue(&[&simple_reply(e.errno, req.cookie)]);
         }
         let msg = &e.message.as_bytes()[..e.message.len().min(MAX_STRING)];
         let mut p = Vec::with_capacity(6 + msg.len() + 8);
@@ -439,8 +425,6 @@ impl<C: Channel> Transmission<'_, C> {
             None => REPLY_TYPE_ERROR,
         };
         let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
-        self.s
-            .queue(&[&h[..hl], &p])
-            .map_err(|e| Hangup::from_io(e, false))
+        self.s.queue(&[&h[..hl], &p])
     }
 }

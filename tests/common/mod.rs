@@ -15,6 +15,7 @@
 
 pub mod json;
 pub mod nbdraw;
+pub mod pki;
 
 use std::collections::BTreeMap;
 use std::fs;
