@@ -63,21 +63,13 @@ pub struct Args {
 
     /// Drop a client that has not finished negotiating after SECS seconds of
     /// waiting for it (0 = never)
-    #[arg(
-        long,
-        value_name = "SECS",
-        env = "TMPDISK_HANDSHAKE_TIMEOUT",
-        default_value_t = 30
-    )]
+    #[arg(long, value_name = "SECS", env = "TMPDISK_HANDSHAKE_TIMEOUT", default_value = "30",
+          value_parser = parse_timeout)]
     pub handshake_timeout: u64,
 
     /// Drop a client that has not read its replies for SECS seconds (0 = never)
-    #[arg(
-        long,
-        value_name = "SECS",
-        env = "TMPDISK_REPLY_TIMEOUT",
-        default_value_t = 300
-    )]
+    #[arg(long, value_name = "SECS", env = "TMPDISK_REPLY_TIMEOUT", default_value = "300",
+          value_parser = parse_timeout)]
     pub reply_timeout: u64,
 
     /// Refuse new clients while the tmpdir has less free space than this: a
@@ -88,12 +80,8 @@ pub struct Args {
 
     /// Give mkfs (or --command) at most SECS seconds, then kill it and fail
     /// the client (0 = wait forever)
-    #[arg(
-        long,
-        value_name = "SECS",
-        env = "TMPDISK_SETUP_TIMEOUT",
-        default_value_t = 300
-    )]
+    #[arg(long, value_name = "SECS", env = "TMPDISK_SETUP_TIMEOUT", default_value = "300",
+          value_parser = parse_timeout)]
     pub setup_timeout: u64,
 
     /// Standalone listeners: clients served at once; more wait in the backlog
@@ -343,6 +331,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// The longest timeout accepted: ten years. Anything longer is a typo or
+/// an attempt to mean "never", which is 0; beyond about 2^63 ns a deadline
+/// no longer fits the clock and every client would fail.
+pub const MAX_TIMEOUT_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// A timeout in seconds: 0 (never) up to [`MAX_TIMEOUT_SECS`].
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid timeout {s:?}: expected whole seconds, 0 for never"))?;
+    if n > MAX_TIMEOUT_SECS {
+        return Err(format!(
+            "timeout {n} is too long: at most {MAX_TIMEOUT_SECS} seconds (ten years); 0 means never"
+        ));
+    }
+    Ok(n)
+}
+
 /// A filesystem type names a program, `mkfs.TYPE`: keep it to a plain name
 /// so it can never become a path.
 fn parse_fs_type(s: &str) -> Result<String, String> {
@@ -451,6 +458,24 @@ mod tests {
         assert!(parse_min_free("x%").is_err());
         assert_eq!(MinFree::Percent(10).bytes(1000), 100);
         assert_eq!(MinFree::Percent(100).bytes(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn timeouts_are_bounded() {
+        assert_eq!(parse_timeout("0"), Ok(0));
+        assert_eq!(parse_timeout("300"), Ok(300));
+        assert_eq!(
+            parse_timeout(&MAX_TIMEOUT_SECS.to_string()),
+            Ok(MAX_TIMEOUT_SECS)
+        );
+        assert!(parse_timeout("315360001").unwrap_err().contains("at most"));
+        assert!(
+            parse_timeout("18446744073709551615")
+                .unwrap_err()
+                .contains("at most")
+        );
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("1.5").is_err());
     }
 
     #[test]

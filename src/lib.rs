@@ -9,6 +9,7 @@
 pub mod activation;
 pub mod cli;
 pub mod conn;
+pub mod crash;
 pub mod image;
 pub mod listener;
 pub mod logging;

@@ -9,7 +9,7 @@ use tracing::error;
 
 use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
-use tmpdisk::{listener, logging, session, sys, tls};
+use tmpdisk::{crash, listener, logging, session, sys, tls};
 
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cfg.log_level);
+    crash::install();
     if let Err(e) = sys::ignore_sigxfsz().and_then(|_| sys::set_not_dumpable()) {
         error!("process setup: {e}");
     }
