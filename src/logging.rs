@@ -6,7 +6,10 @@ use std::io::IsTerminal;
 use std::os::fd::AsFd;
 
 use tracing::Level;
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::debug_fn;
 use tracing_subscriber::prelude::*;
 
 pub fn init(level: Level) {
@@ -32,7 +35,65 @@ pub fn init(level: Level) {
         .with_max_level(filter)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())
+        .fmt_fields(escaping_fields())
         .init();
+}
+
+/// Field formatting for stderr lines: as tracing's default (the message
+/// bare, other fields `name=value`), but with every control character and
+/// bidirectional-text override in a value written as an escape. Export
+/// names, TLS subjects and anything else a client controls then cannot
+/// start a new line, colour the terminal or reorder what an operator
+/// reads (an export name holding "\n\x1b[31mERROR client process
+/// crashed" once forged a log line). The journal keeps exact values: each
+/// field is its own record there.
+fn escaping_fields() -> impl for<'w> FormatFields<'w> + 'static {
+    debug_fn(|w, field, value| {
+        let text = format!("{value:?}");
+        match field.name() {
+            "message" => write!(w, "{}", Escaped(&text)),
+            name => write!(w, "{name}={}", Escaped(&text)),
+        }
+    })
+    .delimited(" ")
+}
+
+/// Writes a string with control characters and bidi overrides escaped.
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                write!(f, "\\u{{{:x}}}", c as u32)?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Escaped;
+
+    #[test]
+    fn control_characters_and_bidi_overrides_are_escaped() {
+        let forged = "x\n\u{1b}[31mERROR client process crashed\r\u{202e}txt.exe";
+        let shown = Escaped(forged).to_string();
+        assert_eq!(
+            shown,
+            "x\\u{a}\\u{1b}[31mERROR client process crashed\\u{d}\\u{202e}txt.exe"
+        );
+        assert!(!shown.chars().any(char::is_control));
+        assert_eq!(
+            Escaped("CN=alice,O=Example é").to_string(),
+            "CN=alice,O=Example é"
+        );
+    }
 }
 
 /// Whether stderr is the journal stream systemd connected us to (not, say,

@@ -239,6 +239,24 @@ fn invalid_values_give_one_line_and_nonzero_exit() {
         ("size above 2^64", &["18446744073709551616"], &[]),
         ("suffixed size above 2^64", &["16777216T"], &[]),
         ("size 0 from the environment", &[], &[("TMPDISK_SIZE", "0")]),
+        // Accepted once, then every client process panicked adding the
+        // duration to the clock (and with --stdio died by SIGSEGV under
+        // the seccomp filter).
+        (
+            "handshake timeout 2^64-1",
+            &["--handshake-timeout", "18446744073709551615", "1G"],
+            &[],
+        ),
+        (
+            "setup timeout 2^63",
+            &["--setup-timeout", "9223372036854775808", "1G"],
+            &[],
+        ),
+        (
+            "reply timeout 2^64-1 from the environment",
+            &["1G"],
+            &[("TMPDISK_REPLY_TIMEOUT", "18446744073709551615")],
+        ),
     ];
     let mut failures = Vec::new();
     for (what, args, env) in cases {
@@ -324,4 +342,43 @@ fn no_activation_exits_2_naming_the_ways() {
             );
         }
     }
+}
+
+/// Client-controlled text cannot forge log lines: an export name with a
+/// newline, an ANSI colour and a fake error appears escaped, on the one
+/// line that logs it.
+#[test]
+fn client_text_cannot_forge_log_lines() {
+    let dir = TestDir::new("forge");
+    let mut server = Server::unix(&dir, &["--command", "true", "1M"]);
+    let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    nbdraw::handshake(&mut s).unwrap();
+    let name = "x\n\u{1b}[31mERROR client process crashed pid=1 signal=\"SIGSEGV\"\u{1b}[0m";
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let replies = nbdraw::option(&mut s, nbdraw::OPT_GO, &data).unwrap();
+    assert_eq!(replies.last().unwrap().0, nbdraw::REP_ACK);
+    drop(s);
+    server.proc.wait_stderr("client left", DEADLINE);
+    let log = server.proc.stderr();
+    assert!(
+        !log.contains('\u{1b}'),
+        "no escape character may reach the log:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .all(|l| !l.trim_start().starts_with("ERROR client process crashed")),
+        "a client forged a log line:\n{log}"
+    );
+    let served: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client served"))
+        .collect();
+    assert_eq!(served.len(), 1, "{log}");
+    assert!(
+        served[0].contains(r"export=x\u{a}\u{1b}[31mERROR client process crashed"),
+        "the export name must be logged escaped on its one line:\n{log}"
+    );
 }

@@ -524,7 +524,7 @@ impl<C: Channel> OptionReplier<'_, C> {
         debug!(
             option = option_name(self.option),
             reply = kind,
-            message,
+            reason = message,
             "option refused"
         );
         // Messages are bounded like every string of the protocol.

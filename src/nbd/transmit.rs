@@ -395,7 +395,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             if self.stats.disk_errors == 0 {
                 warn!(
                     command = command_name(req.command),
-                    message = %e.message,
+                    reason = %e.message,
                     "the disk failed a request; later failures are counted"
                 );
             }
@@ -406,7 +406,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             offset = req.offset,
             length = req.length,
             errno = e.errno,
-            message = %e.message,
+            reason = %e.message,
             "request failed"
         );
         if !self.replies.structured() {
