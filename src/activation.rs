@@ -49,6 +49,15 @@ impl Listener {
     }
 }
 
+impl std::os::fd::AsFd for Listener {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
+    }
+}
+
 /// Why activation failed: a usage error (exit 2) or a system error (exit 1).
 pub enum ActivationError {
     Usage(String),

@@ -89,6 +89,16 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// Standalone listeners: clients at once from one IP address (TCP) or
+    /// one user (Unix socket); more are refused at once (0 = no limit)
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TMPDISK_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 8
+    )]
+    pub max_connections_per_source: u32,
+
     /// TLS: off, on (offered through NBD_OPT_STARTTLS) or require (plaintext refused)
     #[arg(long, value_name = "MODE", env = "TMPDISK_TLS", default_value = "off",
           value_parser = ["off", "on", "require"])]
@@ -194,18 +204,37 @@ pub struct TlsSpec {
     pub verify_peer: bool,
 }
 
+/// What a standalone listener lets in.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Clients served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Clients at once from one source (IP address, or user for a Unix
+    /// socket); more are refused at once.
+    pub per_source: Option<usize>,
+    /// How long a client may take to negotiate at all.
+    pub handshake_timeout: Option<Duration>,
+}
+
+/// What a client's disk is made of and where: everything the disk module
+/// needs, and nothing else.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub size: u64,
+    pub fs: FsSpec,
+    pub tmpdir: PathBuf,
+    pub min_free: MinFree,
+    pub setup_timeout: Option<Duration>,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tls: Option<TlsSpec>,
-    pub size: u64,
-    pub fs: FsSpec,
-    pub tmpdir: PathBuf,
+    pub disk: DiskSpec,
     pub handshake_timeout: Option<Duration>,
-    pub setup_timeout: Option<Duration>,
     pub reply_timeout: Option<Duration>,
-    pub min_free: MinFree,
-    pub max_connections: usize,
+    pub limits: ListenerLimits,
     pub mode: Mode,
     pub log_level: tracing::Level,
 }
@@ -259,24 +288,32 @@ impl Config {
         };
         Ok(Config {
             tls,
-            size,
-            fs: FsSpec {
-                fs_type: a.fs_type,
-                label: a.label,
-                mkfs_options: a
-                    .mkfs_options
-                    .into_iter()
-                    .filter(|o| !o.is_empty())
-                    .collect(),
-                command: a.command,
+            disk: DiskSpec {
+                size,
+                fs: FsSpec {
+                    fs_type: a.fs_type,
+                    label: a.label,
+                    mkfs_options: a
+                        .mkfs_options
+                        .into_iter()
+                        .filter(|o| !o.is_empty())
+                        .collect(),
+                    command: a.command,
+                },
+                tmpdir,
+                min_free: a.min_free,
+                setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
             },
-            tmpdir,
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
-            setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
             reply_timeout: (a.reply_timeout > 0).then(|| Duration::from_secs(a.reply_timeout)),
-            min_free: a.min_free,
-            max_connections: a.max_connections as usize,
+            limits: ListenerLimits {
+                max_connections: a.max_connections as usize,
+                per_source: (a.max_connections_per_source > 0)
+                    .then_some(a.max_connections_per_source as usize),
+                handshake_timeout: (a.handshake_timeout > 0)
+                    .then(|| Duration::from_secs(a.handshake_timeout)),
+            },
             mode,
             log_level,
         })
@@ -285,10 +322,11 @@ impl Config {
     /// Check that the tmpdir is a directory we can use. Listener modes fail
     /// at start on this; a single connection instead tells its client.
     pub fn check_tmpdir(&self) -> Result<(), String> {
-        match std::fs::metadata(&self.tmpdir) {
+        let tmpdir = &self.disk.tmpdir;
+        match std::fs::metadata(tmpdir) {
             Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(format!("tmpdir {}: not a directory", self.tmpdir.display())),
-            Err(e) => Err(format!("tmpdir {}: {e}", self.tmpdir.display())),
+            Ok(_) => Err(format!("tmpdir {}: not a directory", tmpdir.display())),
+            Err(e) => Err(format!("tmpdir {}: {e}", tmpdir.display())),
         }
     }
 }

@@ -200,7 +200,7 @@ pub trait Transport: Channel {
     /// The connection underneath (for its wait budget).
     fn conn(&mut self) -> &mut Conn;
     /// Say goodbye properly before the process exits (TLS close_notify).
-    fn finish(&mut self) {}
+    fn close(&mut self) {}
 }
 
 impl Channel for Conn {

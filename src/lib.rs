@@ -10,6 +10,7 @@ pub mod activation;
 pub mod cli;
 pub mod conn;
 pub mod crash;
+pub mod disk;
 pub mod image;
 pub mod listener;
 pub mod logging;

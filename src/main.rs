@@ -68,7 +68,7 @@ fn main() -> ExitCode {
         }
         Ok(Activation::Listen(l)) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
-            match listener::run(l, cfg.max_connections, &serve) {
+            match listener::run(l, cfg.limits, &serve) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e}");

@@ -13,21 +13,20 @@
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::cli::FsSpec;
 use crate::image::Image;
 use crate::nbd::storage::Storage;
-use crate::sys;
+use crate::{sandbox, sys};
 
 /// The fd number the child finds the image on.
 const IMAGE_FD: i32 = 3;
@@ -35,18 +34,66 @@ const IMAGE_PATH: &str = "/proc/self/fd/3";
 /// How much of the child's stderr we keep (the start holds the reason).
 const STDERR_KEEP: usize = 16 * 1024;
 
-/// Why the disk could not be initialised, in words for the client and log.
-#[derive(Debug, Clone)]
-pub struct MkfsError(pub String);
+/// Why the disk could not be initialised. The text is what the client and
+/// the log are told.
+#[derive(Debug)]
+pub enum SetupError {
+    /// `mkfs.TYPE` is not installed.
+    NotFound { program: String, package: String },
+    /// It could not be started, or waiting for it failed.
+    Run { what: String, error: io::Error },
+    /// It ran and failed: how, and the start of what it said on stderr.
+    Failed {
+        what: String,
+        how: String,
+        said: String,
+    },
+    /// It ran past the setup timeout and was killed.
+    TimedOut {
+        what: String,
+        secs: u64,
+        said: String,
+    },
+    /// The client went away while it ran; it was killed.
+    ClientLeft,
+}
 
-impl std::fmt::Display for MkfsError {
+impl std::fmt::Display for SetupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            SetupError::NotFound { program, package } => write!(
+                f,
+                "{program} not found on PATH or in /usr/sbin, /sbin: install {package}"
+            ),
+            SetupError::Run { what, error } => write!(f, "cannot run {what}: {error}"),
+            SetupError::Failed { what, how, said } => write!(f, "{what} {how}{said}"),
+            SetupError::TimedOut { what, secs, said } => {
+                write!(
+                    f,
+                    "{what} did not finish within {secs} s and was killed{said}"
+                )
+            }
+            SetupError::ClientLeft => write!(f, "the client left while its disk was being built"),
+        }
     }
 }
 
-/// Initialise `image` as `spec` says, waiting at most `timeout`.
-pub fn run(image: &Image, spec: &FsSpec, timeout: Option<Duration>) -> Result<(), MkfsError> {
+/// Initialise `image` as `spec` says, waiting at most `timeout`. While it
+/// runs, `client` (the connection's read side) is watched: a client that
+/// hangs up with nothing left unread (unless `pipelined`: it sent more
+/// than the option that asked for the disk) is gone, and so is the setup.
+///
+/// Nothing the setup starts outlives it: where the kernel permits, it runs
+/// in a PID namespace of its own (see `sys::prepare_child`); in any case
+/// this process is a subreaper, and every process left once the setup is
+/// over (a command's `setsid` job, a double fork) is killed.
+pub fn run(
+    image: &Image,
+    spec: &FsSpec,
+    timeout: Option<Duration>,
+    client: Option<BorrowedFd<'_>>,
+    pipelined: bool,
+) -> Result<(), SetupError> {
     let (mut cmd, what) = match &spec.command {
         Some(script) => (
             user_command(script, spec, image.size()),
@@ -72,26 +119,50 @@ pub fn run(image: &Image, spec: &FsSpec, timeout: Option<Duration>) -> Result<()
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);
-    sys::prepare_child(&mut cmd, image.as_fd(), IMAGE_FD, Some(&NO_SYNC));
-    let stop = StopSignals::catch().map_err(|e| MkfsError(format!("{what}: {e}")))?;
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| MkfsError(format!("cannot run {what}: {e}")))?;
-    let outcome = wait(&mut child, timeout, &stop);
-    let (ended, stderr) = outcome.map_err(|e| MkfsError(format!("{what}: {e}")))?;
+    let run_err = |error: io::Error| SetupError::Run {
+        what: what.clone(),
+        error,
+    };
+    // Best effort: without the filter mkfs only takes longer.
+    let filter = sandbox::no_sync_filter()
+        .inspect_err(|e| tracing::debug!(error = %e, "mkfs runs without its no-fsync filter"))
+        .ok();
+    // The child's stand-in watches this to clean up if we are killed.
+    let me = sys::pidfd_open(std::process::id()).map_err(run_err)?;
+    sys::prepare_child(&mut cmd, image.as_fd(), IMAGE_FD, me.as_fd(), filter);
+    sys::become_subreaper().map_err(run_err)?;
+    let stop = sys::BlockedSignals::block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])
+        .map_err(run_err)?;
+    let mut child = cmd.spawn().map_err(run_err)?;
+    drop(cmd);
+    drop(me);
+    let watch = client.filter(|_| !pipelined);
+    let outcome = wait(&mut child, timeout, &stop, watch);
+    // The setup is over, however it ended: whatever it left behind goes.
+    let left = sys::kill_children(&|_| false);
+    if left > 0 {
+        tracing::debug!(processes = left, "killed what {what} left running");
+    }
+    let (ended, stderr) = outcome.map_err(run_err)?;
     let said = summarize(&stderr);
     match ended {
-        Ended::Exited(st) if st.success() => Ok(()),
-        Ended::Exited(st) => Err(MkfsError(format!("{what} {}{said}", describe(st)))),
-        Ended::TimedOut => Err(MkfsError(format!(
-            "{what} did not finish within {} s and was killed{said}",
-            timeout.map_or(0, |t| t.as_secs())
-        ))),
-        Ended::Stopped(sig) => {
-            // We were told to stop: the child's group is dead, now we
-            // stop the way the signal asked.
+        SetupEnd::Exited(st) if st.success() => Ok(()),
+        SetupEnd::Exited(st) => Err(SetupError::Failed {
+            what,
+            how: describe(st),
+            said,
+        }),
+        SetupEnd::TimedOut => Err(SetupError::TimedOut {
+            what,
+            secs: timeout.map_or(0, |t| t.as_secs()),
+            said,
+        }),
+        SetupEnd::ClientLeft => Err(SetupError::ClientLeft),
+        SetupEnd::Stopped(sig) => {
+            // We were told to stop: the child's tree is dead, now we stop
+            // the way the signal asked.
             tracing::info!(signal = sig.as_str(), "stopping during {what}");
-            drop(stop);
+            stop.restore();
             let _ = nix::sys::signal::raise(sig);
             std::process::exit(128 + sig as i32);
         }
@@ -99,50 +170,14 @@ pub fn run(image: &Image, spec: &FsSpec, timeout: Option<Duration>) -> Result<()
 }
 
 /// How waiting for the child ended.
-enum Ended {
+enum SetupEnd {
     Exited(ExitStatus),
     /// Past the setup timeout; the child's group was killed.
     TimedOut,
     /// A stop signal arrived for us; the child's group was killed.
     Stopped(Signal),
-}
-
-/// While a child runs, the signals that stop us (SIGTERM from systemd or
-/// our listener, SIGINT, SIGHUP) are blocked and read from a signalfd, so
-/// that the child's whole process group is killed before we go: PDEATHSIG
-/// reaches only the child itself, not what a command started. The mask is
-/// restored on drop (children reset theirs before exec).
-struct StopSignals {
-    fd: SignalFd,
-    old: SigSet,
-}
-
-impl StopSignals {
-    fn catch() -> io::Result<Self> {
-        let mut set = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-            set.add(s);
-        }
-        let old = set.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
-        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .inspect_err(|_| {
-                let _ = old.thread_set_mask();
-            })?;
-        Ok(StopSignals { fd, old })
-    }
-
-    fn received(&self) -> Option<Signal> {
-        match self.fd.read_signal() {
-            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
-            _ => None,
-        }
-    }
-}
-
-impl Drop for StopSignals {
-    fn drop(&mut self) {
-        let _ = self.old.thread_set_mask();
-    }
+    /// The client hung up; the child's group was killed.
+    ClientLeft,
 }
 
 /// `/bin/sh -c CMD`, with the values in the environment, never in the
@@ -201,7 +236,7 @@ pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
 
 /// Find `mkfs.TYPE` on PATH or in the sbin directories (which a non-root
 /// PATH often lacks).
-pub fn find_mkfs(fs_type: &str) -> Result<PathBuf, MkfsError> {
+pub fn find_mkfs(fs_type: &str) -> Result<PathBuf, SetupError> {
     let name = format!("mkfs.{fs_type}");
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::env::split_paths(&path).chain(
@@ -215,10 +250,10 @@ pub fn find_mkfs(fs_type: &str) -> Result<PathBuf, MkfsError> {
             return Ok(p);
         }
     }
-    Err(MkfsError(format!(
-        "{name} not found on PATH or in /usr/sbin, /sbin: install {}",
-        package_for(fs_type)
-    )))
+    Err(SetupError::NotFound {
+        program: name,
+        package: package_for(fs_type),
+    })
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -246,15 +281,16 @@ fn package_for(fs_type: &str) -> String {
     .to_string()
 }
 
-/// Collect the child's stderr and wait for it to exit, within `timeout`.
-/// Returns None for the status when it had to be killed. Stderr is read
-/// while waiting (a chatty child must not block on a full pipe) and kept
-/// only up to a bound.
+/// Collect the child's stderr and wait for it to exit, within `timeout`,
+/// for as long as no stop signal comes and the client (if watched) stays.
+/// Stderr is read while waiting (a chatty child must not block on a full
+/// pipe) and kept only up to a bound.
 fn wait(
     child: &mut std::process::Child,
     timeout: Option<Duration>,
-    stop: &StopSignals,
-) -> io::Result<(Ended, Vec<u8>)> {
+    stop: &sys::BlockedSignals,
+    mut client: Option<BorrowedFd<'_>>,
+) -> io::Result<(SetupEnd, Vec<u8>)> {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut stderr = child.stderr.take();
     let pidfd = sys::pidfd_open(child.id())?;
@@ -263,22 +299,40 @@ fn wait(
     let mut exited = false;
     while !exited {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let stopped = stop.received();
+        let stopped = stop.next();
         if left == Some(Duration::ZERO) || stopped.is_some() {
             reap(child)?;
-            return Ok((stopped.map_or(Ended::TimedOut, Ended::Stopped), kept));
+            return Ok((stopped.map_or(SetupEnd::TimedOut, SetupEnd::Stopped), kept));
         }
         let mut fds = vec![
             PollFd::new(pidfd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
         ];
+        if let Some(c) = client {
+            // Readable with nothing to read is the end of the client's
+            // input (the peer closed, or shut down its side).
+            fds.push(PollFd::new(c, PollFlags::POLLIN));
+        }
         if let Some(e) = &stderr {
             fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
         }
         sys::poll_fds(&mut fds, left)?;
-        exited = fds[0].any().unwrap_or(false);
-        let err_ready = fds.get(2).is_some_and(|f| f.any().unwrap_or(false));
+        let ready = |f: &PollFd| f.any().unwrap_or(false);
+        exited = ready(&fds[0]);
+        let hung_up = client.is_some() && ready(&fds[2]);
+        let err_ready = fds.last().is_some_and(ready) && stderr.is_some();
         drop(fds);
+        if let (true, Some(c)) = (hung_up, client) {
+            // Nothing to read: the client has gone (or shut down its side
+            // with nothing more to say, which leaves nothing to serve).
+            // Something to read: it sent more than GO, and may half-close
+            // and still want the replies; stop watching.
+            if sys::pending_input(c).unwrap_or(0) == 0 {
+                reap(child)?;
+                return Ok((SetupEnd::ClientLeft, kept));
+            }
+            client = None;
+        }
         if err_ready && !read_some(&mut stderr, &mut kept, &mut chunk) {
             stderr = None;
         }
@@ -292,7 +346,7 @@ fn wait(
             break;
         }
     }
-    Ok((Ended::Exited(reap(child)?), kept))
+    Ok((SetupEnd::Exited(reap(child)?), kept))
 }
 
 /// Kill the child's whole process group, then collect the child. Whatever
@@ -370,51 +424,6 @@ fn summarize(stderr: &[u8]) -> String {
     format!(": {joined}")
 }
 
-// --- the no-fsync seccomp filter ------------------------------------------------
-
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xc000_003e;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xc000_00b7;
-
-const fn stmt(code: u32, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-const fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    }
-}
-
-const LD_ARCH: u32 = 4; // offsetof(struct seccomp_data, arch)
-const LD_NR: u32 = 0; // offsetof(struct seccomp_data, nr)
-
-/// A seccomp program for the mkfs child: fsync, fdatasync, syncfs, sync and
-/// sync_file_range return 0 at once; everything else is allowed. Measured
-/// (shared/notes/measured.md): 23 ms of mkfs.ext4's 36 ms on a 16 GiB
-/// image is its final fsync.
-static NO_SYNC: [libc::sock_filter; 10] = [
-    stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, LD_ARCH),
-    jeq(AUDIT_ARCH, 0, 6),
-    stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, LD_NR),
-    jeq(libc::SYS_fsync as u32, 5, 0),
-    jeq(libc::SYS_fdatasync as u32, 4, 0),
-    jeq(libc::SYS_syncfs as u32, 3, 0),
-    jeq(libc::SYS_sync as u32, 2, 0),
-    jeq(libc::SYS_sync_file_range as u32, 1, 0),
-    stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
-    stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ERRNO),
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,7 +466,11 @@ mod tests {
     #[test]
     fn a_missing_mkfs_names_its_package() {
         let e = find_mkfs("btrfs-does-not-exist").unwrap_err();
-        assert!(e.0.contains("mkfs.btrfs-does-not-exist not found"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("mkfs.btrfs-does-not-exist not found"),
+            "{e}"
+        );
         assert_eq!(package_for("btrfs"), "btrfs-progs");
         assert_eq!(package_for("xfs"), "xfsprogs");
     }

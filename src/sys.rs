@@ -111,26 +111,30 @@ pub fn fork() -> io::Result<Forked> {
     }
 }
 
-/// Prepare `cmd` (mkfs or the user's command) so that in the child:
-/// - the image is fd `target` and every fd above it is closed: ours are
+/// Prepare `cmd` (mkfs or the user's command) so that:
+/// - the image is its fd `target` and every fd above it is closed: ours are
 ///   close-on-exec anyway, but whatever our own parent leaked to us must not
 ///   reach mkfs either, so fds 0-2 and the image are all it gets;
-/// - it is killed if we die (PR_SET_PDEATHSIG), so no mkfs outlives a
-///   killed server;
-/// - fsync and friends are filtered to succeed without doing anything when
-///   `no_sync` holds a seccomp program (see `mkfs::no_sync_filter`).
+/// - nothing it starts outlives it, nor us ([`contain`]);
+/// - `filter`, a seccomp program (mkfs's "fsync does nothing", see
+///   `sandbox::no_sync_filter`), is installed when given.
+///
+/// `server` is a pidfd of this process, opened before the fork (see
+/// [`contain`]); it must stay open until `cmd` has been spawned.
 pub fn prepare_child(
     cmd: &mut Command,
     image: BorrowedFd<'_>,
     target: RawFd,
-    no_sync: Option<&'static [libc::sock_filter]>,
+    server: BorrowedFd<'_>,
+    filter: Option<seccompiler::BpfProgram>,
 ) {
     let src = image.as_raw_fd();
+    let server = server.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec, so it only makes
     // async-signal-safe calls (dup2, fcntl, close_range, sigprocmask,
-    // prctl, getppid, _exit) on integers, a stack sigset and a `'static`
-    // filter program; it allocates nothing.
+    // prctl, getppid, and those of `contain`) on integers, stack values and
+    // a filter program built before the fork; it allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if src == target {
@@ -141,38 +145,346 @@ pub fn prepare_child(
             } else if libc::dup2(src, target) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            close_from(target + 1);
             // Children inherit the signal mask, and we block stop signals
-            // while waiting for this one (see mkfs::StopSignals).
+            // while waiting for this one (see mkfs::run).
             let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
             libc::sigemptyset(empty.as_mut_ptr());
             if libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // We may have died between fork and prctl: then nobody would
-            // ever send the signal.
+            // We may have died already; from here on `server` tells.
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
-            if let Some(filter) = no_sync {
-                let prog = libc::sock_fprog {
-                    len: filter.len() as libc::c_ushort,
-                    filter: filter.as_ptr() as *mut libc::sock_filter,
-                };
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 {
-                    // Best effort: mkfs still works (only slower) without it.
-                    libc::prctl(
-                        libc::PR_SET_SECCOMP,
-                        libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-                        &prog as *const libc::sock_fprog as libc::c_ulong,
-                    );
-                }
+            contain(server)?;
+            close_from(target + 1);
+            // The command dies with whoever is its parent now.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(filter) = &filter {
+                // Best effort: mkfs still works (only slower) without it.
+                let _ = seccompiler::apply_filter(filter);
             }
             Ok(())
         });
+    }
+}
+
+/// Make sure nothing the command starts outlives the command or the
+/// server, whatever kills which.
+///
+/// The forked child stays as a *stand-in* for the command and forks again.
+/// The stand-in is a subreaper, so a job the command leaves behind (`&`,
+/// `setsid`, a double fork) becomes its child; it waits for the command,
+/// or for the server (its pidfd `server`) to die, then kills every child
+/// it has left, and exits the way the command did. So the server still
+/// waits for, times out and kills one child, and a SIGKILLed server still
+/// has its setup cleaned up.
+///
+/// Where the kernel permits (as root, or in a new user namespace where
+/// unprivileged user namespaces are allowed; systemd's RestrictNamespaces=
+/// refuses both, and there the unit's cgroup is the last net), the command
+/// also gets a PID namespace of its own. Then the stand-in's child is the
+/// namespace's init, a few lines of ours: when it exits, the kernel kills
+/// everything in the namespace. Init is not the command itself, because a
+/// namespace's init ignores the signals it has no handler for when they
+/// come from inside (a command's `kill $$`, or SIGPIPE, would do nothing).
+/// Init reaps orphans and, when the command ends, passes its wait status
+/// up a pipe and exits.
+///
+/// Returns in the process that goes on to exec the command.
+///
+/// # Safety
+/// Only between fork and exec, in a single-threaded child, with `server` a
+/// pidfd.
+unsafe fn contain(server: RawFd) -> io::Result<()> {
+    // SAFETY: prctl, unshare, pipe2, clone, and the stand-in's and init's
+    // calls (see there) are async-signal-safe and take integers and
+    // pointers to stack values.
+    unsafe {
+        if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let pid_ns = libc::unshare(libc::CLONE_NEWPID) == 0
+            || libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWPID) == 0;
+        let mut pipe = [-1 as RawFd; 2];
+        if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let [status_r, status_w] = pipe;
+        let child = raw_fork()?;
+        if child > 0 {
+            libc::close(status_w);
+            stand_in(child, server, pid_ns.then_some(status_r));
+        }
+        libc::close(status_r);
+        if !pid_ns {
+            libc::close(status_w);
+            return Ok(());
+        }
+        // Init, pid 1 of the namespace; dies with the stand-in.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let command = raw_fork()?;
+        if command > 0 {
+            be_init(command, status_w);
+        }
+        // The command, pid 2 (the pipe's end is close-on-exec).
+        Ok(())
+    }
+}
+
+/// fork(2) as a raw clone: no atfork handlers in a forked child.
+///
+/// # Safety
+/// Only between fork and exec, in a single-threaded child.
+unsafe fn raw_fork() -> io::Result<libc::pid_t> {
+    // SAFETY: clone with only SIGCHLD and no stack is fork; the child
+    // continues on a copy of this stack.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(pid as libc::pid_t)
+}
+
+/// The namespace's init: hold nothing, reap every child (orphans come to
+/// us), and when `command` ends send its wait status up `status_w` and
+/// exit, which ends the namespace.
+///
+/// # Safety
+/// Only in the init process of [`contain`].
+unsafe fn be_init(command: libc::pid_t, status_w: RawFd) -> ! {
+    // SAFETY: close_range, waitpid, write and _exit on integers and a
+    // stack word.
+    unsafe {
+        close_all_but(status_w, -1);
+        loop {
+            let mut status = 0;
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == command {
+                let bytes = status.to_ne_bytes();
+                libc::write(status_w, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(0);
+            }
+            if pid < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+    }
+}
+
+/// The stand-in: hold nothing but what it watches; wait for `child` (the
+/// command, or the namespace's init) or for the server to die; kill every
+/// child it has left; end the way the command did (its exit status, or
+/// its signal, as `status_r` says when there is a namespace).
+///
+/// # Safety
+/// Only in the forked child of [`contain`].
+unsafe fn stand_in(child: libc::pid_t, server: RawFd, status_r: Option<RawFd>) -> ! {
+    // SAFETY: close, pidfd_open, poll, waitpid, read, kill, signal and
+    // _exit on integers and stack values.
+    unsafe {
+        close_all_but(server, status_r.unwrap_or(-1));
+        let child_fd = libc::syscall(libc::SYS_pidfd_open, child, 0) as RawFd;
+        let mut status = 0;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: server,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: child_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if libc::poll(fds.as_mut_ptr(), 2, -1) < 0 {
+                if *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                // Cannot watch: fall back to waiting for the child.
+                fds[1].revents = libc::POLLIN;
+            }
+            if fds[0].revents != 0 {
+                // The server is gone: so is its client, and so goes the
+                // setup.
+                libc::kill(child, libc::SIGKILL);
+                kill_all_children();
+                libc::_exit(1);
+            }
+            if fds[1].revents != 0 {
+                while libc::waitpid(child, &mut status, 0) < 0 {
+                    if *libc::__errno_location() != libc::EINTR {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+        kill_all_children();
+        if let Some(r) = status_r {
+            let mut said = [0u8; 4];
+            if libc::read(r, said.as_mut_ptr().cast(), said.len()) == said.len() as isize {
+                status = i32::from_ne_bytes(said);
+            }
+        }
+        if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            libc::signal(sig, libc::SIG_DFL);
+            libc::kill(libc::getpid(), sig);
+            libc::_exit(128 + sig);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
+    }
+}
+
+/// Kill and reap every child of this (single-threaded, subreaper) process,
+/// round after round, until none is left: each death may hand us orphans.
+/// Reads /proc/thread-self/children into a stack buffer.
+///
+/// # Safety
+/// Only between fork and exec (no allocation, async-signal-safe calls).
+unsafe fn kill_all_children() {
+    // SAFETY: open, read, close, kill and waitpid on a constant path, a
+    // stack buffer and integers.
+    unsafe {
+        for _round in 0..64 {
+            let fd = libc::open(
+                c"/proc/thread-self/children".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len()).max(0) as usize;
+            libc::close(fd);
+            // A full buffer may end inside a pid: only whole ones count
+            // (the rest come next round).
+            let whole = if n == buf.len() {
+                buf.iter().rposition(|&b| b == b' ').unwrap_or(0)
+            } else {
+                n
+            };
+            let mut killed = 0;
+            for token in buf[..whole].split(|&b| b == b' ' || b == b'\n') {
+                let mut pid: libc::pid_t = 0;
+                for &b in token {
+                    pid = pid
+                        .saturating_mul(10)
+                        .saturating_add(libc::pid_t::from(b - b'0'));
+                }
+                if pid > 0 && token.iter().all(u8::is_ascii_digit) {
+                    libc::kill(pid, libc::SIGKILL);
+                    killed += 1;
+                }
+            }
+            if killed == 0 {
+                return;
+            }
+            for _ in 0..killed {
+                let mut st = 0;
+                if libc::waitpid(-1, &mut st, 0) < 0 && *libc::__errno_location() == libc::ECHILD {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Make this process the reaper of every orphan among its descendants:
+/// a job a command started and left (`setsid`, a double fork) becomes our
+/// child instead of init's, so [`kill_children`] can end it.
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true)?;
+    Ok(())
+}
+
+/// Our live children, from /proc (every thread's list).
+pub fn children() -> Vec<Pid> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .map(Pid::from_raw),
+            );
+        }
+    }
+    out
+}
+
+/// Kill every child except `keep`, reap them, and repeat for the orphans
+/// that their deaths hand to us (a subreaper), until none is left.
+/// Returns how many were killed.
+pub fn kill_children(keep: &dyn Fn(Pid) -> bool) -> usize {
+    use nix::sys::signal::{Signal, kill};
+    let mut killed = 0;
+    // Each round reaches one generation deeper; a bound keeps a process
+    // tree that forks faster than we kill (TasksMax= bounds it anyway)
+    // from holding us forever.
+    for _ in 0..64 {
+        let victims: Vec<Pid> = children().into_iter().filter(|&p| !keep(p)).collect();
+        if victims.is_empty() {
+            break;
+        }
+        for &p in &victims {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        for &p in &victims {
+            let _ = nix::sys::wait::waitpid(p, None);
+        }
+        killed += victims.len();
+    }
+    killed
+}
+
+/// Close every fd but `a` and `b` (-1 for none). Between fork and exec.
+///
+/// # Safety
+/// As [`close_from`].
+unsafe fn close_all_but(a: RawFd, b: RawFd) {
+    let (lo, hi) = (a.min(b), a.max(b));
+    // SAFETY: close_range on integers; what it closes is not used again.
+    unsafe {
+        let mut from = 0;
+        for keep in [lo, hi] {
+            if keep >= from {
+                if keep > from {
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        from as libc::c_uint,
+                        (keep - 1) as libc::c_uint,
+                        0,
+                    );
+                }
+                from = keep + 1;
+            }
+        }
+        libc::syscall(
+            libc::SYS_close_range,
+            from as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        );
     }
 }
 
@@ -238,4 +550,69 @@ pub fn file_size_limit() -> Option<u64> {
         Ok((soft, _)) if soft != libc::RLIM_INFINITY => Some(soft),
         _ => None,
     }
+}
+
+/// Signals taken out of asynchronous delivery for as long as this guard
+/// lives: blocked, and read in order from a signalfd, so a poll loop can
+/// wait for them next to its fds. The old mask comes back on drop
+/// (children reset theirs before exec). The listener waits for SIGCHLD
+/// and the stop signals this way; a process running mkfs, for the stop
+/// signals, so that mkfs's whole tree is killed before it goes.
+pub struct BlockedSignals {
+    fd: nix::sys::signalfd::SignalFd,
+    old: nix::sys::signal::SigSet,
+}
+
+impl BlockedSignals {
+    pub fn block(signals: &[nix::sys::signal::Signal]) -> io::Result<Self> {
+        use nix::sys::signal::{SigSet, SigmaskHow};
+        use nix::sys::signalfd::{SfdFlags, SignalFd};
+        let mut set = SigSet::empty();
+        for &s in signals {
+            set.add(s);
+        }
+        let old = set.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .inspect_err(|_| {
+                let _ = old.thread_set_mask();
+            })?;
+        Ok(BlockedSignals { fd, old })
+    }
+
+    /// The next pending signal, if any (never blocks).
+    pub fn next(&self) -> Option<nix::sys::signal::Signal> {
+        match self.fd.read_signal() {
+            Ok(Some(info)) => nix::sys::signal::Signal::try_from(info.ssi_signo as i32).ok(),
+            _ => None,
+        }
+    }
+
+    /// Restore the old mask now (before a child of ours starts serving,
+    /// or before re-raising a signal that must act).
+    pub fn restore(self) {
+        drop(self)
+    }
+}
+
+impl AsFd for BlockedSignals {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        let _ = self.old.thread_set_mask();
+    }
+}
+
+/// Bytes waiting to be read on `fd` (a socket or a pipe): FIONREAD.
+pub fn pending_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at
+    // a live stack variable.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
 }

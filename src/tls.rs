@@ -102,7 +102,7 @@ impl crate::conn::Transport for TlsStream {
         &mut self.sock
     }
 
-    fn finish(&mut self) {
+    fn close(&mut self) {
         self.conn.send_close_notify();
         let _ = self.conn.complete_io(&mut self.sock);
     }

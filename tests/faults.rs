@@ -12,9 +12,9 @@ mod common;
 use common::nbdraw::{self, Framing, GoReply, Reply};
 use common::*;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -105,6 +105,15 @@ fn qemu_io_round_trip(uri: &str, what: &str) {
             ],
         ),
     );
+}
+
+/// A shell snippet that appends the running shell's pid, as this host
+/// sees it, to $PIDS. (`$$` and `$!` are the pids inside the setup's PID
+/// namespace; /proc is the host's, and /proc/self is the shell itself.)
+macro_rules! record {
+    () => {
+        r#"read -r p _ < /proc/self/stat; echo "$p" >> "$PIDS""#
+    };
 }
 
 /// The one process serving a client of the listener `server`.
@@ -524,7 +533,12 @@ fn hanging_command_is_killed_with_its_whole_process_group() {
         "--setup-timeout",
         "2",
         "--command",
-        "echo $$ >> \"$PIDS\"; sleep 1000 & echo $! >> \"$PIDS\"; sleep 1000",
+        concat!(
+            record!(),
+            "; (",
+            record!(),
+            "; exec sleep 1000) & sleep 1000"
+        ),
         "64M",
     ]);
     c.env("PIDS", &pids);
@@ -610,7 +624,7 @@ fn command_stdout_never_reaches_a_stdio_client() {
 
 /// The command used while mkfs "runs": a shell with a child of its own,
 /// both recorded in $PIDS.
-const SLOW_SETUP: &str = "echo $$ >> \"$PIDS\"; sleep 1000 & echo $! >> \"$PIDS\"; wait";
+const SLOW_SETUP: &str = concat!(record!(), "; (", record!(), "; exec sleep 1000) & wait");
 
 fn sigterm_during_setup(listener: bool) {
     let what = if listener { "--unix" } else { "--stdio" };
@@ -688,7 +702,7 @@ fn sigkill_during_setup_takes_the_mkfs_child_and_the_image_along() {
         "--tmpdir",
         images.to_str().unwrap(),
         "--command",
-        "echo $$ >> \"$PIDS\"; exec sleep 1000",
+        concat!(record!(), "; exec sleep 1000"),
         "64M",
     ]);
     c.env("PIDS", &pids);
@@ -1341,4 +1355,467 @@ fn serving_process_runs_with_no_new_privs_and_seccomp_and_still_works() {
     client.finish();
     let left = wait_gone(&[pid], Duration::from_secs(10));
     assert!(left.is_empty(), "tmpdisk --stdio outlived its client");
+}
+
+// --- nothing a client's setup starts outlives it ------------------------------------------
+
+/// How tmpdisk runs, for the containment tests: each takes a different
+/// way through `sys::prepare_child`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Privilege {
+    /// As root: the setup gets a PID namespace directly.
+    Root,
+    /// As nobody: a PID namespace inside a new user namespace.
+    Nobody,
+    /// Where neither is allowed (uid 0 of a user namespace with no
+    /// capabilities and no room for more user namespaces, as under a
+    /// RestrictNamespaces= policy): the stand-in and subreapers only.
+    NoNamespaces,
+}
+
+/// `WRAPPER... tmpdisk ARGS` for `p`, with $PIDS set.
+fn contained_cmd(p: Privilege, args: &[&str], pids: &Path) -> std::process::Command {
+    let mut c = match p {
+        Privilege::Root => tmpdisk_cmd(args),
+        Privilege::Nobody => wrapped_tmpdisk_cmd(
+            &[
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+            ],
+            args,
+        ),
+        Privilege::NoNamespaces => wrapped_tmpdisk_cmd(
+            &[
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "sh",
+                "-c",
+                "echo 0 > /proc/sys/user/max_user_namespaces && \
+                 exec setpriv --bounding-set=-all --inh-caps=-all \"$@\"",
+                "sh",
+            ],
+            args,
+        ),
+    };
+    c.env("PIDS", pids);
+    c
+}
+
+/// A test directory whose images dir and $PIDS file anyone may write
+/// (for the unprivileged runs).
+fn open_dir(name: &str) -> (TestDir, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new(name);
+    let images = dir.subdir("images");
+    let pids = dir.join("pids");
+    std::fs::write(&pids, "").unwrap();
+    for p in [dir.path(), &images, &pids] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    (dir, images, pids)
+}
+
+/// The PID namespace a process is in.
+fn pid_ns(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A command that leaves a background job, a `setsid` job and a
+/// foreground job running, all three recorded in $PIDS.
+const THREE_JOBS: &str = concat!(
+    "(",
+    record!(),
+    "; exec sleep 1000) & (",
+    record!(),
+    "; exec setsid sleep 1000) & ",
+    record!(),
+    "; sleep 1000"
+);
+
+/// kill -9 of the process serving the client, while its setup runs jobs
+/// of every kind: nothing of the setup may survive.
+fn setup_dies_with_a_killed_server(p: Privilege) {
+    require_root("it runs tmpdisk as other users and in user namespaces");
+    let (_dir, images, pids) = open_dir(&format!("contain-kill-{p:?}"));
+    let t = images.to_str().unwrap();
+    let cmd = contained_cmd(
+        p,
+        &["--stdio", "--tmpdir", t, "--command", THREE_JOBS, "64M"],
+        &pids,
+    );
+    let (mut server, mut sock) = stdio_server(cmd);
+    let _reader = thread::spawn(move || {
+        let _ = nbdraw::handshake(&mut sock).and_then(|_| nbdraw::opt_go(&mut sock));
+        thread::sleep(Duration::from_secs(30));
+    });
+    let jobs = pids_in(&pids, 3);
+    let _reaper = KillOnDrop(jobs.clone());
+    let own_ns = pid_ns(server.pid()) != pid_ns(jobs[0]);
+    assert_eq!(
+        own_ns,
+        p != Privilege::NoNamespaces,
+        "{p:?}: the setup's PID namespace (server {}, setup {})",
+        pid_ns(server.pid()),
+        pid_ns(jobs[0])
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    server.wait();
+    let left = wait_gone(&jobs, Duration::from_secs(5));
+    assert!(
+        left.is_empty(),
+        "{p:?}: the setup's jobs {left:?} (of {jobs:?}) outlived kill -9 of the server"
+    );
+    wait_no_image_holders(&images, "after kill -9 during setup");
+    assert_dir_empty(&images, "after kill -9 during setup");
+}
+
+#[test]
+fn setup_dies_with_a_killed_server_as_root() {
+    setup_dies_with_a_killed_server(Privilege::Root);
+}
+
+#[test]
+fn setup_dies_with_a_killed_server_as_nobody() {
+    setup_dies_with_a_killed_server(Privilege::Nobody);
+}
+
+#[test]
+fn setup_dies_with_a_killed_server_without_namespaces() {
+    setup_dies_with_a_killed_server(Privilege::NoNamespaces);
+}
+
+/// A command that succeeds but leaves a `setsid` job and a background job
+/// behind: both are gone by the time the client is served.
+fn nothing_outlives_a_successful_setup(p: Privilege) {
+    require_root("it runs tmpdisk as other users and in user namespaces");
+    let (_dir, images, pids) = open_dir(&format!("contain-ok-{p:?}"));
+    let t = images.to_str().unwrap();
+    let command = concat!(
+        "(",
+        record!(),
+        "; exec setsid sleep 1000) & (",
+        record!(),
+        "; exec sleep 1000) & ",
+        "while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done"
+    );
+    let cmd = contained_cmd(
+        p,
+        &["--stdio", "--tmpdir", t, "--command", command, "64M"],
+        &pids,
+    );
+    let (mut server, mut sock) = stdio_server(cmd);
+    let reply = nbdraw::handshake(&mut sock).and_then(|_| nbdraw::opt_go(&mut sock));
+    assert!(
+        matches!(reply, Ok(GoReply::Ok { .. })),
+        "{p:?}: {reply:?}\n{}",
+        server.describe()
+    );
+    let jobs = pids_in(&pids, 2);
+    let _reaper = KillOnDrop(jobs.clone());
+    // The client is still connected: the disk is served, the jobs are not.
+    let left = wait_gone(&jobs, Duration::from_secs(5));
+    assert!(
+        left.is_empty(),
+        "{p:?}: jobs {left:?} a successful setup left behind still run while its client is served"
+    );
+    assert!(alive(server.pid()), "{p:?}: the server must still serve");
+    drop(sock);
+    assert!(server.wait().success(), "{}", server.describe());
+}
+
+#[test]
+fn nothing_outlives_a_successful_setup_as_root() {
+    nothing_outlives_a_successful_setup(Privilege::Root);
+}
+
+#[test]
+fn nothing_outlives_a_successful_setup_without_namespaces() {
+    nothing_outlives_a_successful_setup(Privilege::NoNamespaces);
+}
+
+/// A client that hangs up while its (slow) setup runs takes it along at
+/// once: the setup is killed, the process exits 0, and a listener's slot
+/// is free for the next client.
+#[test]
+fn a_client_that_leaves_during_setup_ends_it() {
+    require_root("the no-namespace case runs in a user namespace");
+    for p in [Privilege::Root, Privilege::NoNamespaces] {
+        let (_dir, images, pids) = open_dir(&format!("contain-leave-{p:?}"));
+        let t = images.to_str().unwrap();
+        let cmd = contained_cmd(
+            p,
+            &["--stdio", "--tmpdir", t, "--command", SLOW_SETUP, "64M"],
+            &pids,
+        );
+        let (mut server, mut sock) = stdio_server(cmd);
+        nbdraw::handshake(&mut sock).unwrap();
+        let mut go = nbdraw::IHAVEOPT.to_be_bytes().to_vec();
+        go.extend_from_slice(&nbdraw::OPT_GO.to_be_bytes());
+        go.extend_from_slice(&6u32.to_be_bytes());
+        go.extend_from_slice(&[0; 6]);
+        sock.write_all(&go).unwrap();
+        let jobs = pids_in(&pids, 2);
+        let _reaper = KillOnDrop(jobs.clone());
+        let left_at = Instant::now();
+        drop(sock);
+        let status = server.wait_timeout(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()) && left_at.elapsed() < Duration::from_secs(3),
+            "{p:?}: tmpdisk must stop setup and exit 0 when its client leaves \
+             (status {status:?} after {:?})\n{}",
+            left_at.elapsed(),
+            server.describe()
+        );
+        assert!(
+            server
+                .stderr()
+                .contains("client left while its disk was being built"),
+            "{}",
+            server.describe()
+        );
+        let left = wait_gone(&jobs, Duration::from_secs(3));
+        assert!(
+            left.is_empty(),
+            "{p:?}: setup jobs {left:?} outlived their client"
+        );
+        assert_dir_empty(&images, "after the client left during setup");
+    }
+
+    // A listener with one slot: the slot frees as soon as the client goes.
+    let dir = TestDir::new("contain-leave-slot");
+    let pids = dir.join("pids");
+    let server = Server::start(
+        &dir,
+        Mode::Unix,
+        &["--max-connections", "1", "--command", SLOW_SETUP, "64M"],
+        &[("PIDS", pids.to_str().unwrap())],
+    );
+    let mut first = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    nbdraw::handshake(&mut first).unwrap();
+    let mut go = nbdraw::IHAVEOPT.to_be_bytes().to_vec();
+    go.extend_from_slice(&nbdraw::OPT_GO.to_be_bytes());
+    go.extend_from_slice(&6u32.to_be_bytes());
+    go.extend_from_slice(&[0; 6]);
+    first.write_all(&go).unwrap();
+    let jobs = pids_in(&pids, 2);
+    let _reaper = KillOnDrop(jobs.clone());
+    drop(first);
+    let mut second = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let greeted = nbdraw::handshake(&mut second);
+    assert!(
+        greeted.is_ok(),
+        "the next client must be greeted within 3 s once the first left during setup: {greeted:?}\n{}",
+        server.proc.describe()
+    );
+    assert!(wait_gone(&jobs, Duration::from_secs(3)).is_empty());
+}
+
+/// The last net: if the serving child and its setup's stand-in are killed
+/// together, whatever the setup left is handed to the listener (a
+/// subreaper), which kills it.
+#[test]
+fn the_listener_kills_what_a_killed_client_process_left() {
+    require_root("it runs tmpdisk in a user namespace without capabilities");
+    let (dir, images, pids) = open_dir("contain-listener");
+    let sock = dir.join("nbd.sock");
+    let args = [
+        "--unix",
+        sock.to_str().unwrap(),
+        "--tmpdir",
+        images.to_str().unwrap(),
+        "--command",
+        THREE_JOBS,
+        "64M",
+    ];
+    let listener = Proc::spawn(
+        "tmpdisk --unix without namespaces",
+        contained_cmd(Privilege::NoNamespaces, &args, &pids),
+    );
+    let end = Instant::now() + DEADLINE;
+    let mut c = loop {
+        if let Ok(c) = UnixStream::connect(&sock) {
+            break c;
+        }
+        assert!(Instant::now() < end, "{}", listener.describe());
+        thread::sleep(Duration::from_millis(20));
+    };
+    nbdraw::handshake(&mut c).unwrap();
+    let mut go = nbdraw::IHAVEOPT.to_be_bytes().to_vec();
+    go.extend_from_slice(&nbdraw::OPT_GO.to_be_bytes());
+    go.extend_from_slice(&6u32.to_be_bytes());
+    go.extend_from_slice(&[0; 6]);
+    c.write_all(&go).unwrap();
+    let jobs = pids_in(&pids, 3);
+    let _reaper = KillOnDrop(jobs.clone());
+    let serving = wait_live_children(listener.pid(), 1, "one client")[0];
+    let stand_in = wait_live_children(serving, 1, "the setup's stand-in")[0];
+    // SAFETY: kill(2) on processes of our own tmpdisk.
+    unsafe {
+        libc::kill(stand_in as i32, libc::SIGKILL);
+        libc::kill(serving as i32, libc::SIGKILL);
+    }
+    let left = wait_gone(&jobs, Duration::from_secs(5));
+    assert!(
+        left.is_empty(),
+        "setup jobs {left:?} outlived their serving process and its stand-in\n{}",
+        listener.describe()
+    );
+    drop(c);
+}
+
+// --- one source cannot starve the others -------------------------------------------------
+
+/// A TCP connection to `to` from the loopback address `from` (all of
+/// 127/8 is local), so one machine can play several sources.
+fn tcp_from(from: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::net::TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .expect("bind");
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).expect("connect");
+    let s = std::net::TcpStream::from(fd);
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+fn listen_addr(server: &Server) -> std::net::SocketAddr {
+    server
+        .uri()
+        .trim_start_matches("nbd://")
+        .parse()
+        .expect("a TCP server's address")
+}
+
+/// How long until `s` gets the server's greeting (or the error).
+fn greeting_time(s: &mut std::net::TcpStream) -> (Duration, std::io::Result<u16>) {
+    let t = Instant::now();
+    let r = nbdraw::handshake(s);
+    (t.elapsed(), r)
+}
+
+/// 200 idle connections from one address took every slot of a listener
+/// (a new client's greeting came after 89 s). Now one source gets at most
+/// --max-connections-per-source of them, and the rest are refused at once.
+#[test]
+fn one_source_cannot_take_every_slot() {
+    let dir = TestDir::new("per-source");
+    let mut server = Server::start(&dir, Mode::Tcp, &["--command", "true", "16M"], &[]);
+    let to = listen_addr(&server);
+    let attacker = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let idle: Vec<_> = (0..200).map(|_| tcp_from(attacker, to)).collect();
+    // The listener sees them all (accepting or refusing each) before the
+    // victim below, who connects last.
+    let mut victim = tcp_from(std::net::Ipv4Addr::new(127, 0, 0, 3), to);
+    let (took, r) = greeting_time(&mut victim);
+    assert!(
+        r.is_ok() && took < Duration::from_secs(2),
+        "a client from another address waited {took:?} for its greeting ({r:?})\n{}",
+        server.proc.describe()
+    );
+    server
+        .proc
+        .wait_stderr("too many from one source", Duration::from_secs(5));
+    let children = live_children(server.pid()).len();
+    assert!(
+        children <= 8 + 1,
+        "one source holds {children} serving processes; the default limit is 8"
+    );
+    // The refused ones were closed at once, not left waiting.
+    let closed = idle
+        .into_iter()
+        .filter_map(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 1];
+            matches!(s.read(&mut b), Ok(0) | Err(_)).then_some(())
+        })
+        .count();
+    assert!(closed >= 190, "only {closed} of the 200 were refused");
+}
+
+/// When every slot is taken by clients that connect and say nothing (from
+/// many addresses), a waiting client gets a slot within the pressure
+/// grace: the idle ones are dropped, a client that chose its disk is not.
+#[test]
+fn idle_clients_make_room_under_pressure_and_served_ones_stay() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("pressure");
+    let mut server = Server::start(
+        &dir,
+        Mode::Tcp,
+        &[
+            "--max-connections",
+            "4",
+            "--max-connections-per-source",
+            "1",
+            "--command",
+            "true",
+            "16M",
+        ],
+        &[],
+    );
+    let to = listen_addr(&server);
+    // A real client chooses its disk first and keeps it.
+    let served = HeldClient::start(
+        "h = connect(sys.argv[1]); h.pwrite(b'k' * 4096, 0)",
+        "check(h.pread(4096, 0) == b'k' * 4096, 'the served client lost its disk'); h.shutdown()",
+        &[server.uri()],
+    );
+    let idle: Vec<_> = (1..=3)
+        .map(|i| tcp_from(std::net::Ipv4Addr::new(127, 0, 1, i), to))
+        .collect();
+    wait_live_children(server.pid(), 4, "every slot taken");
+    let mut victim = tcp_from(std::net::Ipv4Addr::new(127, 0, 2, 1), to);
+    let (took, r) = greeting_time(&mut victim);
+    assert!(
+        r.is_ok() && took < Duration::from_secs(5),
+        "the waiting client got its greeting after {took:?} ({r:?})\n{}",
+        server.proc.describe()
+    );
+    server.proc.wait_stderr(
+        "dropping a client that has not asked for a disk",
+        Duration::from_secs(5),
+    );
+    served.finish();
+    drop(idle);
+}
+
+/// Ctrl-C in the terminal reaches the whole foreground process group, the
+/// listener's children included: they stopped, they did not crash.
+#[test]
+fn ctrl_c_on_a_foreground_listener_is_not_a_crash() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("ctrl-c");
+    let mut server = Server::unix(&dir, &["--command", "true", "16M"]);
+    let clients: Vec<_> = (0..2)
+        .map(|_| HeldClient::start("h = connect(sys.argv[1])", "", &[server.uri()]))
+        .collect();
+    wait_live_children(server.pid(), 2, "two clients");
+    server.proc.kill_group(libc::SIGINT);
+    let status = server.proc.wait();
+    assert!(status.success(), "{}", server.proc.describe());
+    let log = server.proc.stderr();
+    assert!(!log.contains("crashed"), "Ctrl-C is not a crash:\n{log}");
+    assert!(log.contains("stopping signal=\"SIGINT\""), "{log}");
+    drop(clients);
 }

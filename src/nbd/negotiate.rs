@@ -70,7 +70,7 @@ pub struct Negotiated {
     pub flags: u16,
 }
 
-pub enum Outcome {
+pub enum NegotiationEnd {
     Go(Negotiated),
     /// The client sent NBD_OPT_ABORT.
     Abort,
@@ -167,7 +167,7 @@ pub fn negotiate<C: Channel, E: Exports>(
     exports: &mut E,
     no_zeroes: bool,
     tls: Tls,
-) -> Result<Outcome, Hangup> {
+) -> Result<NegotiationEnd, Hangup> {
     let r = haggle(s, exports, no_zeroes, tls);
     if let Err(Hangup::Protocol(_)) = &r {
         // The replies to every option before the one that broke the rules
@@ -183,7 +183,7 @@ fn haggle<C: Channel, E: Exports>(
     exports: &mut E,
     no_zeroes: bool,
     tls: Tls,
-) -> Result<Outcome, Hangup> {
+) -> Result<NegotiationEnd, Hangup> {
     let mut st = State::default();
     let mut data = Vec::new();
     for _ in 0..MAX_OPTIONS {
@@ -236,7 +236,7 @@ fn haggle<C: Channel, E: Exports>(
                 let size = exports
                     .open(pipelined)
                     .map_err(|e| Hangup::Server(e.message))?;
-                let n = finish(&st, name, size);
+                let n = agreed(&st, name, size);
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&size.to_be_bytes());
                 reply.extend_from_slice(&n.flags.to_be_bytes());
@@ -244,12 +244,12 @@ fn haggle<C: Channel, E: Exports>(
                     reply.resize(134, 0);
                 }
                 o.s.queue(&[&reply])?;
-                return Ok(Outcome::Go(n));
+                return Ok(NegotiationEnd::Go(n));
             }
             OPT_ABORT => {
                 // The client may already be gone; that is fine.
                 let _ = o.ack().and_then(|_| o.s.flush());
-                return Ok(Outcome::Abort);
+                return Ok(NegotiationEnd::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -277,7 +277,7 @@ fn haggle<C: Channel, E: Exports>(
                         // The ACK must be on the wire before the handshake.
                         o.ack()?;
                         o.s.flush()?;
-                        return Ok(Outcome::StartTls);
+                        return Ok(NegotiationEnd::StartTls);
                     }
                 }
             }
@@ -301,11 +301,11 @@ fn haggle<C: Channel, E: Exports>(
                         continue;
                     }
                 };
-                let n = finish(&st, name, size);
+                let n = agreed(&st, name, size);
                 send_info(&mut o, &n, &requests, &exports.description())?;
                 o.ack()?;
                 if h.option == OPT_GO {
-                    return Ok(Outcome::Go(n));
+                    return Ok(NegotiationEnd::Go(n));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -401,7 +401,7 @@ fn export_name(raw: &[u8]) -> Result<&str, &'static str> {
 }
 
 /// What the client gets once it has chosen the export named `name`.
-fn finish(st: &State, name: &str, size: u64) -> Negotiated {
+fn agreed(st: &State, name: &str, size: u64) -> Negotiated {
     let replies = st.replies();
     // Block status needs the selection to have been made for the export
     // that was finally chosen.

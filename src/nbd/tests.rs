@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use super::error::Hangup;
 use super::negotiate::{
-    Exports, MAX_OPTIONS, OpenError, Outcome, Replies, Tls, handshake, negotiate,
+    Exports, MAX_OPTIONS, NegotiationEnd, OpenError, Replies, Tls, handshake, negotiate,
 };
 use super::storage::{Extent, Received, Storage, ZeroCopy};
 use super::stream::{Channel, Stream};
-use super::transmit::{End, Stats, serve};
+use super::transmit::{Stats, TransmissionEnd, serve};
 use super::wire::*;
 use crate::conn::Conn;
 use crate::image::Image;
@@ -203,7 +203,7 @@ impl Exports for TestExports {
 #[derive(Debug)]
 enum Ended {
     Aborted,
-    Served(End),
+    Served(TransmissionEnd),
     Hung(String),
 }
 
@@ -256,7 +256,7 @@ impl Server {
 fn session<C: Channel>(mut s: Stream<C>, ex: &mut TestExports, tls: Tls) -> (Ended, usize) {
     let r = handshake(&mut s).and_then(|nz| negotiate(&mut s, ex, nz, tls));
     let ended = match r {
-        Ok(Outcome::Go(n)) => {
+        Ok(NegotiationEnd::Go(n)) => {
             let disk = ex.disk.as_deref().unwrap();
             let mut stats = Stats::default();
             match serve(&mut s, disk, &n, &mut stats) {
@@ -264,8 +264,8 @@ fn session<C: Channel>(mut s: Stream<C>, ex: &mut TestExports, tls: Tls) -> (End
                 Err(h) => Ended::Hung(h.to_string()),
             }
         }
-        Ok(Outcome::Abort) => Ended::Aborted,
-        Ok(Outcome::StartTls) => Ended::Hung("starttls".into()),
+        Ok(NegotiationEnd::Abort) => Ended::Aborted,
+        Ok(NegotiationEnd::StartTls) => Ended::Hung("starttls".into()),
         Err(Hangup::Closed) => Ended::Hung("closed".into()),
         Err(h) => Ended::Hung(h.to_string()),
     };
@@ -496,7 +496,10 @@ fn unknown_option_gets_unsup_and_negotiation_goes_on() {
     assert_eq!(r[0].kind, REP_ERR_UNSUP);
     assert_eq!(c.go(b"").last().unwrap().kind, REP_ACK);
     c.request(0, CMD_DISC, 1, 0, 0, &[]);
-    assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+    assert!(matches!(
+        srv.join().0,
+        Ended::Served(TransmissionEnd::Disconnect)
+    ));
 }
 
 #[test]
@@ -689,7 +692,10 @@ fn export_name_reply_honours_no_zeroes() {
         assert_eq!(be64(&r[0..8]), SIZE);
         assert!(r[10..].iter().all(|&b| b == 0));
         c.request(0, CMD_DISC, 1, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }
 
@@ -814,7 +820,10 @@ fn write_then_read_with_simple_replies() {
         c.request(0, CMD_FLUSH, 9, 0, 0, &[]);
         assert_eq!(c.simple(), (0, 9));
         c.request(0, CMD_DISC, 1, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }
 
@@ -853,7 +862,10 @@ fn bad_requests_get_errors_and_the_session_goes_on() {
         assert_eq!(c.simple(), (0, 10));
         assert_eq!(c.read_n(16), vec![0u8; 16]);
         c.request(0, CMD_DISC, 1, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }
 
@@ -897,7 +909,10 @@ fn bad_request_magic_and_truncated_requests_hang_up() {
     c.hello(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     c.go(b"");
     c.s.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(matches!(srv.join().0, Ended::Served(End::Closed)));
+    assert!(matches!(
+        srv.join().0,
+        Ended::Served(TransmissionEnd::Closed)
+    ));
 }
 
 #[test]
@@ -1078,7 +1093,10 @@ fn extended_headers_round_trip() {
         let total: u64 = p[8..].chunks_exact(16).map(|d| be64(&d[0..8])).sum();
         assert_eq!(total, SIZE);
         ext(&mut c, 0, CMD_DISC, 5, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }
 
@@ -1168,7 +1186,10 @@ fn large_transfers_are_the_same_with_and_without_zero_copy() {
         assert_eq!(ch.len(), 1);
         assert_eq!(&ch[0].payload[8..], &data[..]);
         c.request(0, CMD_DISC, 4, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
 
         // Simple replies too.
         let (srv, mut c) = Server::on(backend, zero_copy);
@@ -1183,7 +1204,10 @@ fn large_transfers_are_the_same_with_and_without_zero_copy() {
         c.request(0, CMD_WRITE, 3, SIZE - 4096, data.len() as u32, &data);
         assert_eq!(c.simple(), (ENOSPC, 3));
         c.request(0, CMD_DISC, 4, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }
 
@@ -1200,12 +1224,12 @@ fn nothing_negotiated_before_starttls_survives_it() {
         let nz = handshake(&mut s).unwrap();
         assert!(matches!(
             negotiate(&mut s, &mut ex, nz, Tls::Offered),
-            Ok(Outcome::StartTls)
+            Ok(NegotiationEnd::StartTls)
         ));
         let r = negotiate(&mut s, &mut ex, nz, Tls::Active);
         s.flush().unwrap();
         match r {
-            Ok(Outcome::Go(n)) => n,
+            Ok(NegotiationEnd::Go(n)) => n,
             _ => panic!("second round must end in GO"),
         }
     });
@@ -1291,6 +1315,9 @@ fn pipelined_large_writes_are_done_before_anything_after_them() {
             "the read did not see the writes before it, in order"
         );
         c.request(0, CMD_DISC, 10, 0, 0, &[]);
-        assert!(matches!(srv.join().0, Ended::Served(End::Disconnect)));
+        assert!(matches!(
+            srv.join().0,
+            Ended::Served(TransmissionEnd::Disconnect)
+        ));
     }
 }

@@ -35,7 +35,7 @@ pub struct Stats {
 
 /// How the session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub enum TransmissionEnd {
     /// NBD_CMD_DISC.
     Disconnect,
     /// The client closed the connection between requests.
@@ -48,7 +48,7 @@ pub fn serve<C: Channel, S: Storage + ?Sized>(
     disk: &S,
     n: &Negotiated,
     stats: &mut Stats,
-) -> Result<End, Hangup> {
+) -> Result<TransmissionEnd, Hangup> {
     let mut t = Transmission {
         s,
         disk,
@@ -83,10 +83,10 @@ struct Transmission<'a, C, S: ?Sized> {
 }
 
 impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
-    fn run(&mut self) -> Result<End, Hangup> {
+    fn run(&mut self) -> Result<TransmissionEnd, Hangup> {
         loop {
             let Some(req) = self.next_request()? else {
-                return Ok(End::Closed);
+                return Ok(TransmissionEnd::Closed);
             };
             self.stats.requests += 1;
             let payload = payload_len(&req, self.replies);
@@ -109,7 +109,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             match cmd {
                 Command::Disc => {
                     self.s.flush()?;
-                    return Ok(End::Disconnect);
+                    return Ok(TransmissionEnd::Disconnect);
                 }
                 Command::Read { df } => self.read(&req, df)?,
                 Command::Write => {
