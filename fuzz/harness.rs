@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::sync::OnceLock;
 
 use tmpdisk::image::Image;
-use tmpdisk::nbd::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
+use tmpdisk::nbd::negotiate::{Exports, NegotiationEnd, OpenError, Tls, handshake, negotiate};
 use tmpdisk::nbd::stream::{Channel, Stream};
 use tmpdisk::nbd::transmit::{Stats, serve};
 use tmpdisk::nbd::wire::*;
@@ -150,7 +150,7 @@ pub fn option_phase(data: &[u8]) {
     let img = image();
     let mut s = Stream::new(Mem::new(input, sel & DRIBBLE != 0, budget(sel)));
     match handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, tls)) {
-        Ok(Outcome::Go(n)) => {
+        Ok(NegotiationEnd::Go(n)) => {
             assert!(
                 !ex.fail,
                 "GO succeeded although the disk could not be built"
@@ -161,11 +161,11 @@ pub fn option_phase(data: &[u8]) {
             let mut stats = Stats::default();
             let _ = serve(&mut s, img, &n, &mut stats);
         }
-        Ok(Outcome::StartTls) => assert!(
+        Ok(NegotiationEnd::StartTls) => assert!(
             matches!(tls, Tls::Offered | Tls::Required),
             "STARTTLS accepted with TLS {tls:?}"
         ),
-        Ok(Outcome::Abort) | Err(_) => {}
+        Ok(NegotiationEnd::Abort) | Err(_) => {}
     }
     if tls == Tls::Required {
         assert_eq!(ex.opened, 0, "the disk was built before TLS");
@@ -236,7 +236,7 @@ pub fn request_phase(data: &[u8]) {
     let mut s = Stream::new(Mem::new(&all, sel & DRIBBLE != 0, broken));
     let n = match handshake(&mut s).and_then(|nz| negotiate(&mut s, &mut ex, nz, Tls::Unavailable))
     {
-        Ok(Outcome::Go(n)) => n,
+        Ok(NegotiationEnd::Go(n)) => n,
         Err(_) if broken.is_some() => return,
         _ => panic!("the fixed {mode:?} negotiation must end in GO"),
     };

@@ -16,7 +16,7 @@ use proptest::prelude::*;
 use tmpdisk::cli::parse_size;
 use tmpdisk::conn::Conn;
 use tmpdisk::image::Image;
-use tmpdisk::nbd::negotiate::{Exports, OpenError, Outcome, Tls, handshake, negotiate};
+use tmpdisk::nbd::negotiate::{Exports, NegotiationEnd, OpenError, Tls, handshake, negotiate};
 use tmpdisk::nbd::storage::{Extent, Storage};
 use tmpdisk::nbd::stream::{Channel, Stream};
 use tmpdisk::nbd::transmit::{Stats, serve};
@@ -366,7 +366,7 @@ fn start_server(zero_copy: bool) -> (JoinHandle<Result<(), String>>, UnixStream)
 
 fn serve_one<C: Channel>(mut s: Stream<C>, ex: &mut OneDisk) -> Result<(), String> {
     match handshake(&mut s).and_then(|nz| negotiate(&mut s, ex, nz, Tls::Unavailable)) {
-        Ok(Outcome::Go(n)) => {
+        Ok(NegotiationEnd::Go(n)) => {
             let img = ex.0.as_ref().unwrap();
             serve(&mut s, img, &n, &mut Stats::default())
                 .map(|_| ())
