@@ -157,10 +157,8 @@ impl Client<'_> {
             return Err(Hangup::Server("export chosen but no disk was built".into()));
         };
         let peer = self.peer;
-        let c = s.channel()?.conn();
-        c.set_wait_budget(None);
-        if let Err(e) = c.set_reply_timeout(self.reply_timeout) {
-            warn!(error = %e, "cannot set the reply timeout");
+        if let Err(e) = s.channel()?.conn().start_serving(self.reply_timeout) {
+            return Err(Hangup::Server(format!("cannot set up the connection: {e}")));
         }
         info!(
             %peer,

@@ -844,8 +844,8 @@ fn silent_and_dribbling_clients_are_dropped_by_the_handshake_timeout() {
 
 /// Sends READ requests of 1 MiB (and small WRITEs) without ever reading a
 /// reply, until the connection stops taking them; returns how many went.
-fn flood_without_reading(s: &mut UnixStream) -> usize {
-    s.set_nonblocking(true).unwrap();
+fn flood_without_reading<S: Write + Nonblocking>(s: &mut S) -> usize {
+    s.nonblocking(true);
     let mut sent: usize = 0;
     let mut stuck_since: Option<Instant> = None;
     let started = Instant::now();
@@ -891,8 +891,25 @@ fn flood_without_reading(s: &mut UnixStream) -> usize {
             Err(e) => panic!("sending requests: {e}"),
         }
     }
-    s.set_nonblocking(false).unwrap();
+    s.nonblocking(false);
     sent
+}
+
+/// The sockets a flood can be sent on.
+trait Nonblocking {
+    fn nonblocking(&self, on: bool);
+}
+
+impl Nonblocking for UnixStream {
+    fn nonblocking(&self, on: bool) {
+        self.set_nonblocking(on).unwrap();
+    }
+}
+
+impl Nonblocking for std::net::TcpStream {
+    fn nonblocking(&self, on: bool) {
+        self.set_nonblocking(on).unwrap();
+    }
 }
 
 #[test]
@@ -952,6 +969,34 @@ fn client_that_stops_reading_is_dropped_after_the_reply_timeout() {
         log.lines()
             .any(|l| l.contains("client dropped") && l.contains("repl")),
         "the log must say the client was dropped for not reading its replies\n{log}"
+    );
+}
+
+/// Over TCP a client that never reads was dropped only after about four
+/// reply timeouts (12.5 s for 3 s): each partial send, made as the
+/// kernel's buffers grew, restarted the timeout. A reply the client has not
+/// taken within the timeout now ends the session.
+#[test]
+fn client_that_never_reads_over_tcp_is_dropped_after_one_reply_timeout() {
+    let dir = TestDir::new("reply-timeout-tcp");
+    let server = Server::start(
+        &dir,
+        Mode::Tcp,
+        &["--reply-timeout", "3", "--command", "true", "256M"],
+        &[],
+    );
+    let mut s = std::net::TcpStream::connect(listen_addr(&server)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    nbdraw::negotiate(&mut s, Framing::Simple, false).expect("negotiating");
+    let child = serving_child(&server);
+    let started = Instant::now();
+    flood_without_reading(&mut s);
+    let left = wait_gone(&[child], Duration::from_secs(20));
+    let took = started.elapsed();
+    assert!(
+        left.is_empty() && took < Duration::from_secs(6),
+        "a client that never read was dropped after {took:?} with --reply-timeout 3\n{}",
+        server.proc.describe()
     );
 }
 

@@ -339,3 +339,54 @@ fn bad_key_material_fails_at_start_naming_the_file() {
     let out = start(&["--tls-verify-peer"]);
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
 }
+
+/// Through TLS every payload passes through our memory. A 32 MiB write
+/// and read (the largest the protocol allows) used to keep a 32 MiB
+/// buffer for the rest of the session; now payloads go through one
+/// buffer in 256 KiB pieces, so the serving process stays small.
+#[test]
+fn large_tls_requests_do_not_grow_the_server() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("tls-memory");
+    let pki = pki(&dir);
+    let server = Server::start(
+        &dir,
+        Mode::Tcp,
+        &[
+            "--tls",
+            "require",
+            "--tls-certificates",
+            s(&pki.server),
+            "--command",
+            "true",
+            "256M",
+        ],
+        &[],
+    );
+    let client = HeldClient::start(
+        r#"
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+check(h.get_tls_negotiated(), "TLS not negotiated")
+M = 1 << 20
+data = os.urandom(32 * M)
+for i in range(3):
+    h.pwrite(data, i * 32 * M)
+    check(h.pread(32 * M, i * 32 * M) == data, "32 MiB read back through TLS differs")
+"#,
+        "h.shutdown()",
+        &[&nbds(&server, &pki.client)],
+    );
+    let child = wait_live_children(server.pid(), 1, "one TLS client")[0];
+    let hwm = proc_status(child, "VmHWM")
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .expect("VmHWM of the serving process");
+    client.finish();
+    eprintln!("serving process VmHWM after 32 MiB TLS requests: {hwm} KiB");
+    assert!(
+        hwm < 16 * 1024,
+        "the serving process peaked at {hwm} KiB after 32 MiB TLS requests (a buffer per request size?)"
+    );
+}
