@@ -246,11 +246,14 @@ impl Config {
             .size_arg
             .or(a.size_opt)
             .ok_or("the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)")?;
-        if a.label
-            .as_ref()
-            .is_some_and(|l| l.as_encoded_bytes().contains(&0))
-        {
-            return Err("--label must not contain a NUL byte".into());
+        if let Some(label) = &a.label {
+            if label.as_encoded_bytes().contains(&0) {
+                return Err("--label must not contain a NUL byte".into());
+            }
+            // mkfs would fail (or cut it short) at every client's GO.
+            if a.command.is_none() {
+                crate::mkfs::check_label(&a.fs_type, label).map_err(|e| format!("--label: {e}"))?;
+            }
         }
         let tmpdir = a
             .tmpdir

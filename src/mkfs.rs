@@ -202,10 +202,17 @@ pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
         // filesystem online, and mke2fs writes them all: 1066 of its 1079
         // writes on a 16 GiB image. An NBD export never grows, so they are
         // pure cost (time, and 4 MiB of real disk per client).
+        //
+        // 4 KiB blocks whatever the size: mke2fs picks 1 KiB for disks
+        // under 512 MiB, and the kernel cannot mount those on a device of
+        // 4096-byte logical blocks ("EXT4-fs (nbd0): bad block size 1024"
+        // with nbd-client -b 4096). The user's -b, later, still wins.
         "ext2" | "ext3" | "ext4" => (
             &[
                 "-F",
                 "-q",
+                "-b",
+                "4096",
                 "-O",
                 "^resize_inode",
                 "-E",
@@ -213,7 +220,13 @@ pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
             ],
             Some("-L"),
         ),
-        "xfs" => (&["-f", "-q", "-K"], Some("-L")),
+        // 4 KiB sectors: on a file mkfs.xfs picks 512, and the kernel then
+        // refuses a device of 4096-byte logical blocks ("XFS (nbd0): device
+        // supports 4096 byte sectors (not 512)" with nbd-client -b 4096).
+        // mkfs.xfs refuses a respecified -s, so a user's own sector size
+        // replaces ours (see below).
+        "xfs" if sets_sector_size(&spec.mkfs_options) => (&["-f", "-q", "-K"], Some("-L")),
+        "xfs" => (&["-f", "-q", "-K", "-s", "size=4096"], Some("-L")),
         "btrfs" => (&["-f", "-q", "-K"], Some("-L")),
         // mkfs.fat: -L does not exist, -n is the volume name.
         "vfat" | "fat" | "msdos" => (&[], Some("-n")),
@@ -232,6 +245,62 @@ pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
     args.extend(spec.mkfs_options.iter().cloned());
     args.push(disk.to_owned());
     args
+}
+
+/// Whether mkfs.xfs options set the sector size (`-s ...`, or
+/// `sectsize=` of -d or -l).
+fn sets_sector_size(options: &[OsString]) -> bool {
+    options.iter().any(|o| {
+        let o = o.to_string_lossy();
+        o == "-s" || o.starts_with("-s") && o.len() > 2 || o.contains("sectsize=")
+    })
+}
+
+/// How long a label each filesystem's mkfs takes: the longest, and in what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelLimit {
+    Bytes(usize),
+    /// UTF-16 code units (exFAT, NTFS and F2FS store labels so).
+    Utf16(usize),
+}
+
+/// The label limit of `fs_type`, where tmpdisk knows it. mke2fs cuts a
+/// longer label short without failing; the others fail, but only once a
+/// client has asked for its disk: tmpdisk refuses such a label at start.
+pub fn label_limit(fs_type: &str) -> Option<LabelLimit> {
+    Some(match fs_type {
+        "ext2" | "ext3" | "ext4" => LabelLimit::Bytes(16),
+        "xfs" => LabelLimit::Bytes(12),
+        "vfat" | "fat" | "msdos" => LabelLimit::Bytes(11),
+        "btrfs" => LabelLimit::Bytes(255),
+        "exfat" => LabelLimit::Utf16(11),
+        "ntfs" => LabelLimit::Utf16(128),
+        "f2fs" => LabelLimit::Utf16(512),
+        _ => return None,
+    })
+}
+
+/// Refuse a label `fs_type`'s mkfs would refuse or cut short.
+pub fn check_label(fs_type: &str, label: &OsStr) -> Result<(), String> {
+    let Some(limit) = label_limit(fs_type) else {
+        return Ok(());
+    };
+    let (len, max, unit) = match limit {
+        LabelLimit::Bytes(max) => (label.len(), max, "bytes"),
+        LabelLimit::Utf16(max) => {
+            let Some(text) = label.to_str() else {
+                return Err(format!("{fs_type} labels must be UTF-8"));
+            };
+            (text.encode_utf16().count(), max, "characters")
+        }
+    };
+    if len > max {
+        return Err(format!(
+            "label {:?} is {len} {unit} long; {fs_type} labels hold at most {max}",
+            label.to_string_lossy()
+        ));
+    }
+    Ok(())
 }
 
 /// Find `mkfs.TYPE` on PATH or in the sbin directories (which a non-root
@@ -446,7 +515,21 @@ mod tests {
         assert!(a.windows(2).any(|w| w[0] == "-L" && w[1] == "X"), "{a:?}");
         assert!(!a.iter().any(|x| x == "-n"));
         let a = mkfs_args(&spec("xfs", Some("X"), &["-m", "crc=1"]), d);
-        assert_eq!(a, ["-f", "-q", "-K", "-L", "X", "-m", "crc=1", "/d"]);
+        assert_eq!(
+            a,
+            [
+                "-f",
+                "-q",
+                "-K",
+                "-s",
+                "size=4096",
+                "-L",
+                "X",
+                "-m",
+                "crc=1",
+                "/d"
+            ]
+        );
     }
 
     #[test]
@@ -461,6 +544,48 @@ mod tests {
         let theirs = a.iter().position(|x| x == "lazy_itable_init=0");
         assert!(ours < theirs, "{a:?}");
         assert_eq!(a.last().map(|s| s.as_os_str()), Some(OsStr::new("/d")));
+    }
+
+    #[test]
+    fn disks_mount_at_4096_byte_logical_blocks_by_default() {
+        let d = OsStr::new("/d");
+        let a = mkfs_args(&spec("xfs", None, &[]), d);
+        assert!(
+            a.windows(2).any(|w| w[0] == "-s" && w[1] == "size=4096"),
+            "{a:?}"
+        );
+        let a = mkfs_args(&spec("xfs", None, &["-s", "size=512"]), d);
+        assert_eq!(a.iter().filter(|x| *x == "-s").count(), 1, "{a:?}");
+        let a = mkfs_args(&spec("xfs", None, &["-d", "sectsize=512"]), d);
+        assert!(!a.iter().any(|x| x == "size=4096"), "{a:?}");
+        let a = mkfs_args(&spec("ext4", None, &[]), d);
+        assert!(
+            a.windows(2).any(|w| w[0] == "-b" && w[1] == "4096"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn labels_too_long_for_their_filesystem_are_refused() {
+        let ok = |fs: &str, l: &str| check_label(fs, OsStr::new(l));
+        assert!(ok("vfat", "ABCDEFGHIJK").is_ok());
+        assert!(
+            ok("vfat", "ABCDEFGHIJKL")
+                .unwrap_err()
+                .contains("at most 11")
+        );
+        assert!(ok("xfs", "abcdefghijkl").is_ok());
+        assert!(ok("xfs", "abcdefghijklm").is_err());
+        assert!(ok("ext4", &"x".repeat(16)).is_ok());
+        assert!(
+            ok("ext4", &"x".repeat(17))
+                .unwrap_err()
+                .contains("17 bytes")
+        );
+        assert!(ok("ext4", "ééééééééé").is_err(), "18 bytes");
+        assert!(ok("exfat", "ééééééééééé").is_ok(), "11 characters");
+        assert!(ok("exfat", "éééééééééééé").is_err());
+        assert!(ok("someotherfs", &"x".repeat(1000)).is_ok());
     }
 
     #[test]

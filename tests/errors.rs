@@ -252,6 +252,22 @@ fn invalid_values_give_one_line_and_nonzero_exit() {
             &["--setup-timeout", "9223372036854775808", "1G"],
             &[],
         ),
+        // mkfs.fat refused it at every client's GO; mke2fs cut it short.
+        (
+            "a 12-character vfat label",
+            &["-t", "vfat", "-L", "ABCDEFGHIJKL", "64M"],
+            &[],
+        ),
+        (
+            "a 13-character xfs label",
+            &["-t", "xfs", "-L", "abcdefghijklm", "1G"],
+            &[],
+        ),
+        (
+            "a 17-byte ext4 label from the environment",
+            &["1G"],
+            &[("TMPDISK_LABEL", "abcdefghijklmnopq")],
+        ),
         (
             "reply timeout 2^64-1 from the environment",
             &["1G"],

@@ -471,13 +471,22 @@ fn mkfs_failures_reach_the_client_and_the_log() {
     let dir = TestDir::new("mkfs-fails");
     let images = dir.subdir("images");
     let t = images.to_str().unwrap();
-    let label = "LABELTOOLONGFORFAT";
+    // (A label too long for vfat made a good example until tmpdisk began
+    // refusing such labels at start; an impossible FAT size still fails.)
     for (fs_type, size, mkfs_args, args) in [
         (
             "vfat",
             64 * MIB,
-            vec!["-n", label],
-            vec!["-t", "vfat", "-L", label, "64M"],
+            vec!["-F", "99"],
+            vec![
+                "-t",
+                "vfat",
+                "--mkfs-option",
+                "-F",
+                "--mkfs-option",
+                "99",
+                "64M",
+            ],
         ),
         ("xfs", 16 * MIB, vec![], vec!["-t", "xfs", "16M"]),
     ] {
