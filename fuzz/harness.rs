@@ -26,6 +26,17 @@ use tmpdisk::nbd::wire::*;
 /// requests past it exercise the range checks.
 pub const SIZE: u64 = 1 << 20;
 
+/// Big-endian fields of a reply, for checking it.
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
 /// One image per process, not per input: creating files is slow and would
 /// dominate the fuzzer's time. Each input starts from an all-hole image.
 fn image() -> &'static Image {

@@ -312,8 +312,8 @@ impl Conn {
         let mut failure: Option<io::Error> = None;
         let mut left = len;
         while left > 0 {
-            let n = self
-                .recv_with(|fd| splice(fd, None, pw, None, left, SpliceFFlags::SPLICE_F_MOVE))?;
+            let n =
+                self.recv_with(|fd| splice(fd, None, pw, None, left, SpliceFFlags::SPLICE_F_MOVE))?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }

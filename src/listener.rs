@@ -74,13 +74,16 @@ struct Child {
     stage: Stage,
 }
 
-/// Why the listener could not run.
+/// Why the listener could not run: what it was doing, and the error.
 #[derive(Debug)]
-pub struct ListenerError(pub String);
+pub struct ListenerError {
+    pub doing: &'static str,
+    pub error: std::io::Error,
+}
 
 impl std::fmt::Display for ListenerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "{}: {}", self.doing, self.error)
     }
 }
 
@@ -91,19 +94,19 @@ pub fn run(
     limits: ListenerLimits,
     serve: &dyn Fn(Conn, String) -> u8,
 ) -> Result<(), ListenerError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| ListenerError(format!("{what}: {e}"));
+    let fail = |doing: &'static str| move |e| ListenerError { doing, error: e };
     let signals = BlockedSignals::block(&[
         Signal::SIGCHLD,
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGHUP,
     ])
-    .map_err(|e| fail("signals", &e))?;
-    sys::become_subreaper().map_err(|e| fail("subreaper", &e))?;
+    .map_err(fail("signals"))?;
+    sys::become_subreaper().map_err(fail("subreaper"))?;
     // Children report on this pipe when their client commits to a disk.
-    let (reports, report_w) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| fail("pipe", &e))?;
-    set_nonblocking(&listener).map_err(|e| fail("listener", &e))?;
+    let (reports, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .map_err(|e| fail("pipe")(e.into()))?;
+    set_nonblocking(&listener).map_err(fail("listener"))?;
     let max = limits.max_connections;
     info!(
         address = %listener.describe(),
@@ -144,7 +147,7 @@ pub fn run(
             fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
         }
         if let Err(e) = sys::poll_fds(&mut fds, next_drop) {
-            break Err(fail("poll", &e));
+            break Err(fail("poll")(e));
         }
         let ready = |f: &PollFd| f.any().unwrap_or(false);
         let signalled = ready(&fds[0]);

@@ -1,6 +1,6 @@
 //! Wires the modules together: parse and validate the command line, set up
 //! logging, find the client(s), serve, and turn the result into an exit
-//! code (0 served, 1 failure, 2 usage error).
+//! code (0 served, 1 failure, 2 usage error, 70 a bug: see `crash`).
 
 use std::process::ExitCode;
 
@@ -9,9 +9,64 @@ use tracing::error;
 
 use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
+use tmpdisk::listener::ListenerError;
+use tmpdisk::tls::TlsError;
 use tmpdisk::{crash, listener, logging, session, sys, tls};
 
+/// Why tmpdisk could not start (or its listener stopped), which decides
+/// the exit status: the one place start-up errors meet the documented
+/// codes.
+enum StartError {
+    /// The command line or the environment is wrong.
+    Usage(String),
+    /// The TLS key material cannot be used.
+    Tls(TlsError),
+    /// No client to serve, or the socket to serve cannot be had.
+    Activation(ActivationError),
+    /// The standalone listener failed.
+    Listener(ListenerError),
+}
+
+impl StartError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Usage(_)
+            | StartError::Tls(_)
+            | StartError::Activation(ActivationError::Usage(_)) => 2,
+            StartError::Activation(ActivationError::Failed(_)) | StartError::Listener(_) => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Usage(e) => f.write_str(e),
+            StartError::Tls(e) => write!(f, "{e}"),
+            StartError::Activation(ActivationError::Usage(e) | ActivationError::Failed(e)) => {
+                f.write_str(e)
+            }
+            StartError::Listener(e) => write!(f, "{e}"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            match &e {
+                // Once running, the log is where an operator looks.
+                StartError::Listener(_) => error!("{e}"),
+                // Before: one line on stderr.
+                _ => eprintln!("tmpdisk: {e}"),
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run() -> Result<ExitCode, StartError> {
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if e.use_stderr() => {
@@ -19,22 +74,17 @@ fn main() -> ExitCode {
             // rendering adds a usage hint on further lines.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tmpdisk: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(2);
+            return Err(StartError::Usage(
+                first.trim_start_matches("error: ").to_string(),
+            ));
         }
         Err(e) => {
             // --help, --version.
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            return Ok(ExitCode::SUCCESS);
         }
     };
-    let cfg = match Config::from_args(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tmpdisk: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = Config::from_args(args).map_err(StartError::Usage)?;
     logging::init(cfg.log_level);
     crash::install();
     if let Err(e) = sys::ignore_sigxfsz().and_then(|_| sys::set_not_dumpable()) {
@@ -43,8 +93,7 @@ fn main() -> ExitCode {
     let listening = matches!(cfg.mode, Mode::Tcp(_) | Mode::Unix(_));
     if let Err(e) = cfg.check_tmpdir() {
         if listening {
-            eprintln!("tmpdisk: {e}");
-            return ExitCode::from(2);
+            return Err(StartError::Usage(e));
         }
         // A single connection reports it to its client when the disk is
         // built; say it here too.
@@ -53,36 +102,22 @@ fn main() -> ExitCode {
     // Key material is read once, before any client: a bad file fails here,
     // naming the file.
     let tls = match &cfg.tls {
-        Some(spec) => match tls::load(&spec.certificates, spec.verify_peer) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("tmpdisk: {e}");
-                return ExitCode::from(2);
-            }
-        },
+        Some(spec) => {
+            Some(tls::load(&spec.certificates, spec.verify_peer).map_err(StartError::Tls)?)
+        }
         None => None,
     };
-    match activation::activate(&cfg.mode) {
-        Ok(Activation::Connection { conn, peer }) => {
-            ExitCode::from(session::serve(conn, peer, &cfg, tls.as_ref()))
-        }
-        Ok(Activation::Listen(l)) => {
+    match activation::activate(&cfg.mode).map_err(StartError::Activation)? {
+        Activation::Connection { conn, peer } => Ok(ExitCode::from(session::serve(
+            conn,
+            peer,
+            &cfg,
+            tls.as_ref(),
+        ))),
+        Activation::Listen(l) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
-            match listener::run(l, cfg.limits, &serve) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    error!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Err(ActivationError::Usage(e)) => {
-            eprintln!("tmpdisk: {e}");
-            ExitCode::from(2)
-        }
-        Err(ActivationError::Failed(e)) => {
-            eprintln!("tmpdisk: {e}");
-            ExitCode::from(1)
+            listener::run(l, cfg.limits, &serve).map_err(StartError::Listener)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -23,25 +23,69 @@ pub const CA_CERT: &str = "ca-cert.pem";
 pub const SERVER_CERT: &str = "server-cert.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
+/// Why the key material could not be loaded. Every message names the
+/// file, never its contents.
+#[derive(Debug)]
+pub enum TlsError {
+    /// rustls refused its own configuration (no usable protocol versions).
+    Config(rustls::Error),
+    /// A file could not be read.
+    Read { path: PathBuf, error: io::Error },
+    /// A certificate file held no certificate, or a bad one.
+    Certificates { path: PathBuf, why: String },
+    /// The key file held no private key.
+    Key { path: PathBuf, why: String },
+    /// The CA certificate cannot verify clients.
+    Ca { path: PathBuf, why: String },
+    /// The certificate and the key are not a pair.
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        error: rustls::Error,
+    },
+}
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsError::Config(e) => write!(f, "TLS: {e}"),
+            TlsError::Read { path, error } => write!(f, "{}: {error}", path.display()),
+            TlsError::Certificates { path, why }
+            | TlsError::Key { path, why }
+            | TlsError::Ca { path, why } => write!(f, "{}: {why}", path.display()),
+            TlsError::Mismatch { cert, key, error } => write!(
+                f,
+                "{} and {} do not go together: {error}",
+                cert.display(),
+                key.display()
+            ),
+        }
+    }
+}
+
 /// Build the server's TLS configuration from `dir`: server-cert.pem (the
 /// chain), server-key.pem, and with `verify_peer` ca-cert.pem, which every
 /// client certificate must chain to.
-pub fn load(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, String> {
+pub fn load(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(TlsError::Config)?;
     let builder = if verify_peer {
         let ca = dir.join(CA_CERT);
+        let bad_ca = |why: String| TlsError::Ca {
+            path: ca.clone(),
+            why,
+        };
         let mut roots = RootCertStore::empty();
         for cert in certs(&ca)? {
             roots
                 .add(cert)
-                .map_err(|e| format!("{}: not a usable CA certificate: {e}", ca.display()))?;
+                .map_err(|e| bad_ca(format!("not a usable CA certificate: {e}")))?;
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
+            .map_err(|e| bad_ca(e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
@@ -49,28 +93,37 @@ pub fn load(dir: &Path, verify_peer: bool) -> Result<Arc<ServerConfig>, String> 
     let cert_path = dir.join(SERVER_CERT);
     let key_path = dir.join(SERVER_KEY);
     let chain = certs(&cert_path)?;
-    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
-        .map_err(|e| format!("{}: no private key found ({e})", key_path.display()))?;
-    let config = builder.with_single_cert(chain, key).map_err(|e| {
-        format!(
-            "{} and {} do not go together: {e}",
-            cert_path.display(),
-            key_path.display()
-        )
+    let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|e| TlsError::Key {
+        path: key_path.clone(),
+        why: format!("no private key found ({e})"),
     })?;
+    let config = builder
+        .with_single_cert(chain, key)
+        .map_err(|error| TlsError::Mismatch {
+            cert: cert_path,
+            key: key_path,
+            error,
+        })?;
     Ok(Arc::new(config))
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|error| TlsError::Read {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
+    let bad = |why: String| TlsError::Certificates {
+        path: path.to_path_buf(),
+        why,
+    };
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&pem).collect();
-    let certs = certs.map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = certs.map_err(|e| bad(e.to_string()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found", path.display()));
+        return Err(bad("no certificate found".into()));
     }
     Ok(certs)
 }
@@ -194,8 +247,15 @@ mod tests {
     #[test]
     fn missing_files_are_named() {
         let e = load(Path::new("/nonexistent-tls-dir"), false).unwrap_err();
-        assert!(e.contains("/nonexistent-tls-dir/server-cert.pem"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("/nonexistent-tls-dir/server-cert.pem"),
+            "{e}"
+        );
         let e = load(Path::new("/nonexistent-tls-dir"), true).unwrap_err();
-        assert!(e.contains("/nonexistent-tls-dir/ca-cert.pem"), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent-tls-dir/ca-cert.pem"),
+            "{e}"
+        );
     }
 }

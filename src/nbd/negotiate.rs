@@ -135,11 +135,12 @@ impl State {
 /// Send the greeting and read the client's flags. Done once per connection
 /// (not again after STARTTLS).
 pub fn handshake<C: Channel>(s: &mut Stream<C>) -> Result<bool, Hangup> {
-    let mut greeting = [0u8; 18];
-    greeting[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.queue(&[&greeting])?;
+    let mut greeting = Fixed::<18>::default();
+    greeting
+        .u64(NBDMAGIC)
+        .u64(IHAVEOPT)
+        .u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    s.queue(&[greeting.bytes()])?;
     let mut cflags = [0u8; 4];
     if !s.read_message(&mut cflags)? {
         return Err(Hangup::Closed);
@@ -238,8 +239,7 @@ fn haggle<C: Channel, E: Exports>(
                     .map_err(|e| Hangup::Server(e.message))?;
                 let n = agreed(&st, name, size);
                 let mut reply = Vec::with_capacity(134);
-                reply.extend_from_slice(&size.to_be_bytes());
-                reply.extend_from_slice(&n.flags.to_be_bytes());
+                reply.u64(size).u16(n.flags);
                 if !no_zeroes {
                     reply.resize(134, 0);
                 }
@@ -258,8 +258,8 @@ fn haggle<C: Channel, E: Exports>(
                 }
                 let desc = exports.description();
                 let mut p = Vec::with_capacity(4 + desc.len());
-                p.extend_from_slice(&0u32.to_be_bytes()); // the name: ""
-                p.extend_from_slice(desc.as_bytes());
+                // The name, "", then the description.
+                p.u32(0).put(desc.as_bytes());
                 o.reply(REP_SERVER, &p)?;
                 o.ack()?;
             }
@@ -364,8 +364,7 @@ fn haggle<C: Channel, E: Exports>(
                 if selected {
                     let id = if set { META_ID_BASE_ALLOCATION } else { 0 };
                     let mut p = Vec::with_capacity(4 + META_BASE_ALLOCATION.len());
-                    p.extend_from_slice(&id.to_be_bytes());
-                    p.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+                    p.u32(id).put(META_BASE_ALLOCATION.as_bytes());
                     o.reply(REP_META_CONTEXT, &p)?;
                 }
                 if set {
@@ -416,28 +415,26 @@ fn agreed(st: &State, name: &str, size: u64) -> Negotiated {
 }
 
 /// Parse NBD_OPT_INFO/GO data: name length, name, request count, requests.
+/// Every length must fit exactly.
 fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
-    if data.len() < 6 {
+    let mut r = Reader::new(data);
+    let name_len = r.u32()? as usize;
+    if name_len > MAX_STRING {
         return None;
     }
-    let name_len = be32(&data[0..4]) as usize;
-    if name_len > data.len() - 6 || name_len > MAX_STRING {
-        return None;
+    let name = r.take(name_len)?;
+    let count = r.u16()? as usize;
+    let mut requests = Vec::with_capacity(count.min(r.rest().len() / 2));
+    for _ in 0..count {
+        requests.push(r.u16()?);
     }
-    let name = &data[4..4 + name_len];
-    let rest = &data[4 + name_len..];
-    let n = be16(&rest[0..2]) as usize;
-    if rest.len() != 2 + 2 * n {
-        return None;
-    }
-    let requests = rest[2..].chunks_exact(2).map(be16).collect();
-    Some((name, requests))
+    r.rest().is_empty().then_some((name, requests))
 }
 
 /// Parse LIST/SET_META_CONTEXT data: name length, name, query count, then
 /// each query as length + string. Every length must fit exactly.
 fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
-    let mut r = Reader(data);
+    let mut r = Reader::new(data);
     let name_len = r.u32()? as usize;
     if name_len > MAX_STRING {
         return None;
@@ -452,27 +449,7 @@ fn parse_meta(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
         }
         queries.push(r.take(len)?);
     }
-    if !r.0.is_empty() {
-        return None;
-    }
-    Some((name, queries))
-}
-
-/// A cursor over option data that fails instead of reading past the end.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(be32)
-    }
+    r.rest().is_empty().then_some((name, queries))
 }
 
 fn send_info<C: Channel>(
@@ -482,25 +459,24 @@ fn send_info<C: Channel>(
     description: &str,
 ) -> Result<(), Hangup> {
     let mut p = Vec::with_capacity(12);
-    p.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    p.extend_from_slice(&n.size.to_be_bytes());
-    p.extend_from_slice(&n.flags.to_be_bytes());
+    p.u16(INFO_EXPORT).u64(n.size).u16(n.flags);
     o.reply(REP_INFO, &p)?;
     if requests.contains(&INFO_NAME) {
-        let mut p = INFO_NAME.to_be_bytes().to_vec();
-        p.extend_from_slice(n.export_name.as_bytes());
+        let mut p = Vec::with_capacity(2 + n.export_name.len());
+        p.u16(INFO_NAME).put(n.export_name.as_bytes());
         o.reply(REP_INFO, &p)?;
     }
     if requests.contains(&INFO_DESCRIPTION) {
-        let mut p = INFO_DESCRIPTION.to_be_bytes().to_vec();
-        p.extend_from_slice(description.as_bytes());
+        let mut p = Vec::with_capacity(2 + description.len());
+        p.u16(INFO_DESCRIPTION).put(description.as_bytes());
         o.reply(REP_INFO, &p)?;
     }
     // Always sent, asked for or not: clients then know the payload limit.
-    let mut p = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-    p.extend_from_slice(&1u32.to_be_bytes());
-    p.extend_from_slice(&PREFERRED_BLOCK.to_be_bytes());
-    p.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+    let mut p = Vec::with_capacity(14);
+    p.u16(INFO_BLOCK_SIZE)
+        .u32(1)
+        .u32(PREFERRED_BLOCK)
+        .u32(MAX_PAYLOAD);
     o.reply(REP_INFO, &p)
 }
 
@@ -513,7 +489,7 @@ struct OptionReplier<'a, C> {
 impl<C: Channel> OptionReplier<'_, C> {
     fn reply(&mut self, kind: u32, payload: &[u8]) -> Result<(), Hangup> {
         let h = option_reply_header(self.option, kind, payload.len() as u32);
-        self.s.queue(&[&h, payload])
+        self.s.queue(&[h.bytes(), payload])
     }
 
     fn ack(&mut self) -> Result<(), Hangup> {

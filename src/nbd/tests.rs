@@ -25,6 +25,17 @@ use crate::image::Image;
 
 const SIZE: u64 = 4 << 20;
 
+/// Big-endian fields of a reply, for checking it.
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
 /// The same socket, but opaque: every byte is copied through the stream's
 /// buffers, as under TLS.
 struct Copying(UnixStream);

@@ -201,7 +201,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
     fn read_simple(&mut self, req: &Request) -> Result<(), Hangup> {
         let h = simple_reply(0, req.cookie);
         let len = req.length as usize;
-        if len >= ZERO_COPY_MIN && self.s.send_range(&h, self.disk, req.offset, len)? {
+        if len >= ZERO_COPY_MIN && self.s.send_range(h.bytes(), self.disk, req.offset, len)? {
             return Ok(());
         }
         let mut done = 0;
@@ -218,7 +218,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
                     "the disk failed a read after its simple reply began: {e}"
                 )));
             }
-            let head: &[u8] = if done == 0 { &h } else { &[] };
+            let head: &[u8] = if done == 0 { h.bytes() } else { &[] };
             self.s.send_payload(head, 0, n, false)?;
             done += n;
         }
@@ -243,25 +243,18 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
     ) -> Result<bool, Hangup> {
         let done_if = |end: bool| if end { REPLY_FLAG_DONE } else { 0 };
         if !x.data {
-            let mut p = [0u8; 12];
-            p[..8].copy_from_slice(&x.offset.to_be_bytes());
+            let mut h = self.chunk_header(done_if(last), REPLY_TYPE_OFFSET_HOLE, req, 12);
             // A hole inside one request fits in u32 (payloads are <= 32 MiB).
-            p[8..].copy_from_slice(&(x.length as u32).to_be_bytes());
-            let (h, hl) = self.chunk_header(done_if(last), REPLY_TYPE_OFFSET_HOLE, req, 12);
-            self.s.queue(&[&h[..hl], &p])?;
+            h.u64(x.offset).u32(x.length as u32);
+            self.s.queue(&[h.bytes()])?;
             return Ok(true);
         }
         let len = x.length as usize;
         if len >= ZERO_COPY_MIN {
             let flags = done_if(last);
-            let (h, hl) = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
-            let mut head = [0u8; 40];
-            head[..hl].copy_from_slice(&h[..hl]);
-            head[hl..hl + 8].copy_from_slice(&x.offset.to_be_bytes());
-            if self
-                .s
-                .send_range(&head[..hl + 8], self.disk, x.offset, len)?
-            {
+            let mut h = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
+            h.u64(x.offset);
+            if self.s.send_range(h.bytes(), self.disk, x.offset, len)? {
                 return Ok(true);
             }
         }
@@ -285,21 +278,20 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             if one_chunk {
                 // One header for the whole extent, then the pieces as they
                 // are read (the offset goes out once, in front).
-                let (h, hl) = match done {
+                let h = match done {
                     0 => self.chunk_header(
                         done_if(last),
                         REPLY_TYPE_OFFSET_DATA,
                         req,
                         8 + len as u64,
                     ),
-                    _ => ([0u8; 32], 0),
+                    _ => ChunkHeader::default(),
                 };
-                self.s.send_payload(&h[..hl], 8, n, done > 0)?;
+                self.s.send_payload(h.bytes(), 8, n, done > 0)?;
             } else {
                 let end = last && done + n == len;
-                let (h, hl) =
-                    self.chunk_header(done_if(end), REPLY_TYPE_OFFSET_DATA, req, 8 + n as u64);
-                self.s.send_payload(&h[..hl], 8, n, false)?;
+                let h = self.chunk_header(done_if(end), REPLY_TYPE_OFFSET_DATA, req, 8 + n as u64);
+                self.s.send_payload(h.bytes(), 8, n, false)?;
             }
             done += n;
         }
@@ -318,20 +310,18 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
         let extended = self.replies == Replies::Extended;
         let mut p = std::mem::take(&mut self.buf);
         p.clear();
-        p.extend_from_slice(&META_ID_BASE_ALLOCATION.to_be_bytes());
+        p.u32(META_ID_BASE_ALLOCATION);
         if extended {
-            p.extend_from_slice(&(self.extents.len() as u32).to_be_bytes());
+            p.u32(self.extents.len() as u32);
         }
         for x in &self.extents {
             let state = if x.data { 0 } else { STATE_HOLE | STATE_ZERO };
             if extended {
-                p.extend_from_slice(&x.length.to_be_bytes());
-                p.extend_from_slice(&u64::from(state).to_be_bytes());
+                p.u64(x.length).u64(u64::from(state));
             } else {
                 // Compact requests are at most 4 GiB - 1, so each extent
                 // inside one fits.
-                p.extend_from_slice(&(x.length as u32).to_be_bytes());
-                p.extend_from_slice(&state.to_be_bytes());
+                p.u32(x.length as u32).u32(state);
             }
         }
         let kind = if extended {
@@ -339,22 +329,17 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
         } else {
             REPLY_TYPE_BLOCK_STATUS
         };
-        let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
-        let r = self.s.send(&h[..hl], &p);
+        let h = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
+        let r = self.s.send(h.bytes(), &p);
         self.buf = p;
         r
     }
 
-    /// The header of a structured or extended reply chunk, and its length.
-    fn chunk_header(&self, flags: u16, kind: u16, req: &Request, len: u64) -> ([u8; 32], usize) {
-        let mut h = [0u8; 32];
-        if self.replies == Replies::Extended {
-            h.copy_from_slice(&extended_reply(flags, kind, req.cookie, req.offset, len));
-            (h, EXTENDED_REPLY_LEN)
-        } else {
-            h[..STRUCTURED_REPLY_LEN]
-                .copy_from_slice(&structured_reply(flags, kind, req.cookie, len as u32));
-            (h, STRUCTURED_REPLY_LEN)
+    /// The header of a structured or extended reply chunk.
+    fn chunk_header(&self, flags: u16, kind: u16, req: &Request, len: u64) -> ChunkHeader {
+        match self.replies {
+            Replies::Extended => extended_reply(flags, kind, req.cookie, req.offset, len),
+            _ => structured_reply(flags, kind, req.cookie, len as u32),
         }
     }
 
@@ -368,10 +353,10 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
     fn reply_ok(&mut self, req: &Request) -> Result<(), Hangup> {
         if self.replies == Replies::Extended {
             // No simple replies with extended headers.
-            let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
-            return self.s.queue(&[&h[..hl]]);
+            let h = self.chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
+            return self.s.queue(&[h.bytes()]);
         }
-        self.s.queue(&[&simple_reply(0, req.cookie)])
+        self.s.queue(&[simple_reply(0, req.cookie).bytes()])
     }
 
     fn reply_error(&mut self, req: &Request, e: &ReplyError) -> Result<(), Hangup> {
@@ -410,21 +395,19 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             "request failed"
         );
         if !self.replies.structured() {
-            return self.s.queue(&[&simple_reply(e.errno, req.cookie)]);
+            return self.s.queue(&[simple_reply(e.errno, req.cookie).bytes()]);
         }
         let msg = &e.message.as_bytes()[..e.message.len().min(MAX_STRING)];
         let mut p = Vec::with_capacity(6 + msg.len() + 8);
-        p.extend_from_slice(&e.errno.to_be_bytes());
-        p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-        p.extend_from_slice(msg);
+        p.u32(e.errno).u16(msg.len() as u16).put(msg);
         let kind = match offset {
             Some(o) => {
-                p.extend_from_slice(&o.to_be_bytes());
+                p.u64(o);
                 REPLY_TYPE_ERROR_OFFSET
             }
             None => REPLY_TYPE_ERROR,
         };
-        let (h, hl) = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
-        self.s.queue(&[&h[..hl], &p])
+        let h = self.chunk_header(REPLY_FLAG_DONE, kind, req, p.len() as u64);
+        self.s.queue(&[h.bytes(), &p])
     }
 }

@@ -164,17 +164,95 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const STRUCTURED_REPLY_LEN: usize = 20;
 pub const EXTENDED_REPLY_LEN: usize = 32;
 
-// --- helpers -----------------------------------------------------------------
-pub fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
+// --- encoding and decoding ---------------------------------------------------
+
+/// Reads big-endian fields off a byte slice, front to back; every read
+/// fails (`None`) rather than run past the end. The one cursor every
+/// parser of client bytes uses.
+pub struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Reader(bytes)
+    }
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    pub fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
+    }
+    pub fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+    pub fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_be_bytes)
+    }
+    /// What is left.
+    pub fn rest(&self) -> &'a [u8] {
+        self.0
+    }
 }
-pub fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+
+/// Writes big-endian fields, front to back: the one way replies are
+/// encoded, into a growing `Vec` or a fixed header ([`Fixed`]).
+pub trait Put {
+    fn put(&mut self, bytes: &[u8]) -> &mut Self;
+    fn u16(&mut self, v: u16) -> &mut Self {
+        self.put(&v.to_be_bytes())
+    }
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.put(&v.to_be_bytes())
+    }
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.put(&v.to_be_bytes())
+    }
 }
-pub fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
+
+impl Put for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) -> &mut Self {
+        self.extend_from_slice(bytes);
+        self
+    }
+}
+
+/// Up to `N` bytes on the stack, for headers sent on every request.
+/// Writing more than `N` is a bug of ours (the sizes are constants) and
+/// panics.
+#[derive(Clone, Copy)]
+pub struct Fixed<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Fixed<N> {
+    fn default() -> Self {
+        Fixed {
+            buf: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Fixed<N> {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl<const N: usize> Put for Fixed<N> {
+    fn put(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
 }
 
 /// The option header a client sends: IHAVEOPT, option, length.
@@ -187,21 +265,20 @@ pub struct OptionHeader {
 impl OptionHeader {
     pub const LEN: usize = 16;
     pub fn decode(b: &[u8; Self::LEN]) -> Self {
+        let mut r = Reader::new(b);
+        // Sixteen bytes hold the three fields: the reads cannot fail.
         OptionHeader {
-            magic: be64(&b[0..8]),
-            option: be32(&b[8..12]),
-            length: be32(&b[12..16]),
+            magic: r.u64().unwrap_or_default(),
+            option: r.u32().unwrap_or_default(),
+            length: r.u32().unwrap_or_default(),
         }
     }
 }
 
 /// The header of an option reply (payload follows).
-pub fn option_reply_header(option: u32, reply: u32, len: u32) -> [u8; 20] {
-    let mut h = [0u8; 20];
-    h[0..8].copy_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-    h[8..12].copy_from_slice(&option.to_be_bytes());
-    h[12..16].copy_from_slice(&reply.to_be_bytes());
-    h[16..20].copy_from_slice(&len.to_be_bytes());
+pub fn option_reply_header(option: u32, reply: u32, len: u32) -> Fixed<20> {
+    let mut h = Fixed::default();
+    h.u64(OPTION_REPLY_MAGIC).u32(option).u32(reply).u32(len);
     h
 }
 
@@ -221,71 +298,68 @@ pub struct BadMagic(pub u32);
 
 impl Request {
     pub fn decode_compact(b: &[u8; COMPACT_REQUEST_LEN]) -> Result<Self, BadMagic> {
-        let magic = be32(&b[0..4]);
-        if magic != REQUEST_MAGIC {
-            return Err(BadMagic(magic));
-        }
-        Ok(Request {
-            flags: be16(&b[4..6]),
-            command: be16(&b[6..8]),
-            cookie: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: u64::from(be32(&b[24..28])),
-        })
+        Self::decode(b, REQUEST_MAGIC, false)
     }
 
     pub fn decode_extended(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<Self, BadMagic> {
-        let magic = be32(&b[0..4]);
-        if magic != EXTENDED_REQUEST_MAGIC {
+        Self::decode(b, EXTENDED_REQUEST_MAGIC, true)
+    }
+
+    fn decode(b: &[u8], expect: u32, extended: bool) -> Result<Self, BadMagic> {
+        let mut r = Reader::new(b);
+        let magic = r.u32().ok_or(BadMagic(0))?;
+        if magic != expect {
             return Err(BadMagic(magic));
         }
+        let length = |r: &mut Reader| match extended {
+            true => r.u64(),
+            false => r.u32().map(u64::from),
+        };
+        let (Some(flags), Some(command), Some(cookie), Some(offset), Some(length)) =
+            (r.u16(), r.u16(), r.u64(), r.u64(), length(&mut r))
+        else {
+            // The caller's array is exactly a header long.
+            return Err(BadMagic(magic));
+        };
         Ok(Request {
-            flags: be16(&b[4..6]),
-            command: be16(&b[6..8]),
-            cookie: be64(&b[8..16]),
-            offset: be64(&b[16..24]),
-            length: be64(&b[24..32]),
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
         })
     }
 }
 
-pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
-    let mut h = [0u8; SIMPLE_REPLY_LEN];
-    h[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    h[4..8].copy_from_slice(&error.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+pub fn simple_reply(error: u32, cookie: u64) -> Fixed<SIMPLE_REPLY_LEN> {
+    let mut h = Fixed::default();
+    h.u32(SIMPLE_REPLY_MAGIC).u32(error).u64(cookie);
     h
 }
 
-pub fn structured_reply(
-    flags: u16,
-    kind: u16,
-    cookie: u64,
-    len: u32,
-) -> [u8; STRUCTURED_REPLY_LEN] {
-    let mut h = [0u8; STRUCTURED_REPLY_LEN];
-    h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    h[4..6].copy_from_slice(&flags.to_be_bytes());
-    h[6..8].copy_from_slice(&kind.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..20].copy_from_slice(&len.to_be_bytes());
+/// The header of a structured or extended reply chunk, with room behind
+/// it for the small payloads that travel with it: a data chunk's 8-byte
+/// offset, or a hole chunk's offset and length.
+pub type ChunkHeader = Fixed<{ EXTENDED_REPLY_LEN + 12 }>;
+
+pub fn structured_reply(flags: u16, kind: u16, cookie: u64, len: u32) -> ChunkHeader {
+    let mut h = ChunkHeader::default();
+    h.u32(STRUCTURED_REPLY_MAGIC)
+        .u16(flags)
+        .u16(kind)
+        .u64(cookie)
+        .u32(len);
     h
 }
 
-pub fn extended_reply(
-    flags: u16,
-    kind: u16,
-    cookie: u64,
-    offset: u64,
-    len: u64,
-) -> [u8; EXTENDED_REPLY_LEN] {
-    let mut h = [0u8; EXTENDED_REPLY_LEN];
-    h[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-    h[4..6].copy_from_slice(&flags.to_be_bytes());
-    h[6..8].copy_from_slice(&kind.to_be_bytes());
-    h[8..16].copy_from_slice(&cookie.to_be_bytes());
-    h[16..24].copy_from_slice(&offset.to_be_bytes());
-    h[24..32].copy_from_slice(&len.to_be_bytes());
+pub fn extended_reply(flags: u16, kind: u16, cookie: u64, offset: u64, len: u64) -> ChunkHeader {
+    let mut h = ChunkHeader::default();
+    h.u32(EXTENDED_REPLY_MAGIC)
+        .u16(flags)
+        .u16(kind)
+        .u64(cookie)
+        .u64(offset)
+        .u64(len);
     h
 }
 
@@ -295,13 +369,14 @@ mod tests {
 
     #[test]
     fn compact_request_round_trip() {
-        let mut b = [0u8; COMPACT_REQUEST_LEN];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&CMD_FLAG_FUA.to_be_bytes());
-        b[6..8].copy_from_slice(&CMD_WRITE.to_be_bytes());
-        b[8..16].copy_from_slice(&0x1122_3344_5566_7788u64.to_be_bytes());
-        b[16..24].copy_from_slice(&4096u64.to_be_bytes());
-        b[24..28].copy_from_slice(&512u32.to_be_bytes());
+        let mut b = Fixed::<COMPACT_REQUEST_LEN>::default();
+        b.u32(REQUEST_MAGIC)
+            .u16(CMD_FLAG_FUA)
+            .u16(CMD_WRITE)
+            .u64(0x1122_3344_5566_7788)
+            .u64(4096)
+            .u32(512);
+        let b: [u8; COMPACT_REQUEST_LEN] = b.bytes().try_into().unwrap();
         let r = Request::decode_compact(&b).expect("valid header");
         assert_eq!(
             r,
