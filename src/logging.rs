@@ -76,6 +76,21 @@ impl std::fmt::Display for Escaped<'_> {
     }
 }
 
+/// Whether stderr is the journal stream systemd connected us to (not, say,
+/// a pipe a child of ours inherited JOURNAL_STREAM through).
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Escaped;
@@ -94,19 +109,4 @@ mod tests {
             "CN=alice,O=Example é"
         );
     }
-}
-
-/// Whether stderr is the journal stream systemd connected us to (not, say,
-/// a pipe a child of ours inherited JOURNAL_STREAM through).
-fn stderr_is_journal() -> bool {
-    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
-        return false;
-    };
-    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
-        return false;
-    };
-    let Ok(st) = nix::sys::stat::fstat(std::io::stderr().as_fd()) else {
-        return false;
-    };
-    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
 }

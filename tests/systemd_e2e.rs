@@ -194,6 +194,7 @@ fn end_to_end(format: Format) {
         thread::sleep(Duration::from_millis(50));
     }
     check_journal(&ct, 3);
+    check_cgroup_ends_what_setup_left(&ct, port);
 
     // The Unix socket of the drop-in serves the same way (seen from the
     // host through the container's root).
@@ -628,6 +629,64 @@ fn check_journal(ct: &Container, clients: usize) {
     assert_eq!(served_peers.len(), clients, "one record per client");
     assert_eq!(served_peers, left_peers, "every client served also left");
     assert_eq!(writers, 2, "the two clients that wrote: {left:?}");
+}
+
+/// The last net under systemd is the unit's cgroup. A setup whose command
+/// starts a `setsid` job is in progress; the serving process and the
+/// stand-in it left for the command are killed together (so neither can
+/// clean up, and the unit's RestrictNamespaces= gave the command no PID
+/// namespace): systemd must kill the `setsid` job with the unit.
+fn check_cgroup_ends_what_setup_left(ct: &Container, port: u16) {
+    let conf = ct.host_path("etc/tmpdisk/tmpdisk.conf");
+    let saved = fs::read_to_string(&conf).unwrap();
+    fs::write(
+        &conf,
+        format!("{saved}TMPDISK_COMMAND=setsid sleep 1001 & exec sleep 1002\n"),
+    )
+    .unwrap();
+    // A client that asks for its disk and waits.
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    let mut greeting = [0u8; 18];
+    client.read_exact(&mut greeting).expect("the greeting");
+    let mut hello = 3u32.to_be_bytes().to_vec();
+    hello.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+    hello.extend_from_slice(&7u32.to_be_bytes());
+    hello.extend_from_slice(&6u32.to_be_bytes());
+    hello.extend_from_slice(&[0; 6]);
+    client.write_all(&hello).unwrap();
+    let job = wait_until("the setup's setsid job", 30, || {
+        let pid = ct.out(&["pgrep", "-f", "^sleep 1001$"]);
+        (!pid.is_empty() && !ct.out(&["pgrep", "-f", "^sleep 1002$"]).is_empty()).then_some(pid)
+    });
+    let unit = wait_until("the setting-up instance", 30, || {
+        let units = ct.instances();
+        (units.len() == 1).then(|| units[0].clone())
+    });
+    let p = ct.show(&unit, &["MainPID", "KillMode"]);
+    assert_eq!(p["KillMode"], "control-group", "{unit}: {p:?}");
+    let cgroup = ct.out(&["cat", &format!("/proc/{job}/cgroup")]);
+    assert!(
+        cgroup.contains(&unit),
+        "the setsid job runs in {unit}'s cgroup: {cgroup}"
+    );
+    let main = &p["MainPID"];
+    let stand_in = ct.out(&["cat", &format!("/proc/{main}/task/{main}/children")]);
+    assert_eq!(
+        stand_in.split_whitespace().count(),
+        1,
+        "the serving process has one child, the setup's stand-in: {stand_in:?}"
+    );
+    ct.ok(&["kill", "-9", main, stand_in.trim()]);
+    wait_until("systemd to kill the setsid job with the unit", 30, || {
+        ct.out(&["pgrep", "-f", "^sleep 100[12]$"])
+            .is_empty()
+            .then_some(())
+    });
+    wait_until("the killed instance to be gone", 30, || {
+        ct.instances().is_empty().then_some(())
+    });
+    drop(client);
+    fs::write(&conf, saved).unwrap();
 }
 
 fn check_removed(ct: &Container, format: Format, port: u16) {
