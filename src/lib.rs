@@ -3,21 +3,30 @@
 //!
 //! The life of one process: [`activation`] finds the client (or a listener,
 //! whose [`listener`] forks one child per client); [`session`] negotiates,
-//! builds the [`image`] with [`mkfs`] on the first INFO/GO, serves requests
-//! ([`nbd`]) and exits; the image, having no name, goes with the process.
+//! builds the disk (`disk`: the [`image`] and `mkfs`) on the first
+//! INFO/GO, serves requests ([`nbd`]) and exits; the image, having no name,
+//! goes with the process.
+//!
+//! What is public is what the binary, the tests and the fuzz targets use;
+//! the rest is the crate's own, so the compiler reports what nobody calls.
+//! `unsafe` lives in `sys` alone.
+#![deny(unsafe_code)]
 
 pub mod activation;
 pub mod cli;
 pub mod conn;
 pub mod crash;
-pub mod disk;
+pub(crate) mod disk;
 pub mod image;
 pub mod listener;
 pub mod logging;
-pub mod mkfs;
+pub(crate) mod mkfs;
 pub mod nbd;
-pub mod sandbox;
+pub(crate) mod sandbox;
 pub mod session;
-pub mod status;
-pub mod sys;
+pub(crate) mod status;
+pub(crate) mod sys;
 pub mod tls;
+
+/// Process-wide setup before anything else runs (see `sys`).
+pub use sys::{ignore_sigxfsz, set_not_dumpable};

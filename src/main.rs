@@ -11,7 +11,7 @@ use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
 use tmpdisk::listener::ListenerError;
 use tmpdisk::tls::TlsError;
-use tmpdisk::{crash, listener, logging, session, sys, tls};
+use tmpdisk::{crash, ignore_sigxfsz, listener, logging, session, set_not_dumpable, tls};
 
 /// Why tmpdisk could not start (or its listener stopped), which decides
 /// the exit status: the one place start-up errors meet the documented
@@ -87,7 +87,7 @@ fn run() -> Result<ExitCode, StartError> {
     let cfg = Config::from_args(args).map_err(StartError::Usage)?;
     logging::init(cfg.log_level);
     crash::install();
-    if let Err(e) = sys::ignore_sigxfsz().and_then(|_| sys::set_not_dumpable()) {
+    if let Err(e) = ignore_sigxfsz().and_then(|_| set_not_dumpable()) {
         error!("process setup: {e}");
     }
     let listening = matches!(cfg.mode, Mode::Tcp(_) | Mode::Unix(_));

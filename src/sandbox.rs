@@ -138,8 +138,8 @@ pub fn lock_down() -> Result<(), SandboxError> {
 /// mkfs's filter: fsync, fdatasync, syncfs, sync and sync_file_range
 /// return 0 at once, everything else is allowed. The image dies with the
 /// process, so flushing it to the platter is pure waste: 23 ms of
-/// mkfs.ext4's 36 ms on a 16 GiB image was its final fsync
-/// (shared/notes/measured.md). Built before the fork (it allocates) and
+/// mkfs.ext4's 36 ms on a 16 GiB image was its final fsync (measured when
+/// the filter was added). Built before the fork (it allocates) and
 /// installed in the child by `sys::prepare_child`.
 pub fn no_sync_filter() -> Result<BpfProgram, SandboxError> {
     let rules = [

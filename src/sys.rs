@@ -1,3 +1,4 @@
+#![allow(unsafe_code)]
 //! The few system calls that safe std and nix do not cover, each in a small
 //! function; every `unsafe` block of the program lives here with a
 //! `// SAFETY:` comment. Plus safe helpers around poll(2) that several
@@ -10,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::fcntl::{FcntlArg, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::unistd::Pid;
 
@@ -70,12 +71,6 @@ fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing
     // else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// Mark an fd close-on-exec (fds we are handed may not be).
-pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
-    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    Ok(())
 }
 
 /// An fd that becomes readable when process `pid` exits, so a wait can be
