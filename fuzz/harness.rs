@@ -2,7 +2,7 @@
 //! in-memory client, against a real sparse image made once per process.
 //!
 //! Shared by the `cargo fuzz` targets (fuzz/fuzz_targets/) and by
-//! tests/fuzz.rs, which replays the committed corpus and every regression
+//! tests/heavy/fuzz.rs, which replays the committed corpus and every regression
 //! input through exactly the same code in the normal test run.
 //!
 //! The first input byte selects the scenario (see [`option_phase`] and

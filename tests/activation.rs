@@ -2,9 +2,7 @@
 //! connect_command), an inherited listening socket (libnbd's systemd socket
 //! activation), `--listen`, `--unix`, and `systemd-socket-activate --accept`.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn stdio_with_libnbd_connect_command() {

@@ -2,10 +2,8 @@
 //! reaches the client as the option error's message; bad command lines get
 //! one line on stderr and a nonzero exit; no activation means exit 2.
 
-mod common;
-
-use common::nbdraw::{self, GoReply};
-use common::*;
+use crate::common::nbdraw::{self, GoReply};
+use crate::common::*;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;

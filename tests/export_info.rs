@@ -1,9 +1,7 @@
 //! What clients learn about the export: size, transmission flags, block
 //! sizes, the export list, and block status (`nbdinfo --json/--list/--map`).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn nbdinfo_json_shows_size_and_transmission_flags() {

@@ -7,10 +7,8 @@
 //! (no_new_privs and seccomp). Every wait has a deadline; mounts are undone
 //! by guards; tests that need root fail (never skip) without it.
 
-mod common;
-
-use common::nbdraw::{self, Framing, GoReply, Reply};
-use common::*;
+use crate::common::nbdraw::{self, Framing, GoReply, Reply};
+use crate::common::*;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;

@@ -2,9 +2,7 @@
 //! requested type and label: copy it out with nbdcopy, then fsck and blkid
 //! the copy.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 
 /// Serves `size` with `args`, copies the disk out and checks blkid's TYPE and

@@ -1,9 +1,7 @@
 //! Data path through real clients: qemu-io patterns, write-zeroes / trim /
 //! flush / FUA through libnbd, and independence of concurrent clients.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -144,7 +142,7 @@ h3.shutdown()
 /// queue.
 #[test]
 fn unix_read_replies_queue_ahead_of_the_client() {
-    use common::nbdraw::{self, Framing};
+    use crate::common::nbdraw::{self, Framing};
     use std::io::Write;
     use std::os::fd::AsRawFd;
     let dir = TestDir::new("unix-sndbuf");

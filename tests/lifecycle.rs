@@ -3,10 +3,8 @@
 //! a client that vanishes, or SIGKILL of the serving process. Also the
 //! handshake timeout.
 
-mod common;
-
-use common::nbdraw::{self, GoReply};
-use common::*;
+use crate::common::nbdraw::{self, GoReply};
+use crate::common::*;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -68,7 +66,11 @@ fn tmpdir_stays_empty_after_abrupt_close() {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     nbdraw::handshake(&mut sock).expect("handshake");
     match nbdraw::opt_go(&mut sock).expect("GO") {
-        GoReply::Ok { size, .. } => assert_eq!(size, 64 * MIB, "size in NBD_INFO_EXPORT"),
+        GoReply::Ok { size, flags } => {
+            assert_eq!(size, 64 * MIB, "size in NBD_INFO_EXPORT");
+            // NBD_FLAG_CAN_MULTI_CONN: every connection is a disk of its own.
+            assert_eq!(flags & (1 << 8), 0, "multi-conn advertised: {flags:#x}");
+        }
         other => panic!("GO failed: {other:?}"),
     }
     serving_process(&server);

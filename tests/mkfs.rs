@@ -2,9 +2,7 @@
 //! client asks for the export, with exactly fds 0-3, the documented
 //! environment, and the image's size taken from the file afterwards.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

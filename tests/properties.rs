@@ -3,15 +3,13 @@
 //! structured read chunking over the real protocol code, on a real socket,
 //! against a model of the disk's bytes.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::nbdraw::{self, Framing, Reply};
+use crate::common::nbdraw::{self, Framing, Reply};
 use proptest::prelude::*;
 use tmpdisk::cli::parse_size;
 use tmpdisk::conn::Conn;

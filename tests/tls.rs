@@ -4,10 +4,8 @@
 //! verification refusing what they must; a garbage handshake ending the
 //! process cleanly; bad key material failing at start, naming the file.
 
-mod common;
-
-use common::pki::pki;
-use common::*;
+use crate::common::pki::pki;
+use crate::common::*;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Stdio;

@@ -13,15 +13,13 @@
 //! random on a tmpfs too small for all of them, and checks that every byte
 //! acknowledged as written reads back.
 
-mod common;
-
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use common::nbdraw::{self, Framing, Reply};
-use common::*;
+use crate::common::nbdraw::{self, Framing, Reply};
+use crate::common::*;
 
 const PAGE: u64 = 4096;
 
@@ -257,7 +255,7 @@ fn tls_write_that_does_not_fit_is_enospc() {
     require_root("it mounts a small tmpfs as the tmpdir");
     require(&["python3-nbd"]);
     let dir = TestDir::new("acct-tls");
-    let pki = common::pki::pki(&dir);
+    let pki = crate::common::pki::pki(&dir);
     let mnt = Mount::tmpfs(&dir.join("mnt"), 16);
     let server = Server::start_in(
         &dir,

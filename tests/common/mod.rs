@@ -9,10 +9,6 @@
 //! - every test works in its own temporary directory, removed on drop;
 //! - missing tools make the test fail with the Debian package to install,
 //!   never skip.
-//!
-//! Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
-
 pub mod json;
 pub mod nbdraw;
 pub mod pki;
@@ -44,23 +40,22 @@ pub const GIB: u64 = 1 << 30;
 // ---------------------------------------------------------------------------
 // Tools
 
-/// Every external tool a test may need, with the Debian package shipping it.
-const TOOLS: &[(&str, &str)] = &[
-    ("nbdinfo", "libnbd-bin"),
-    ("nbdcopy", "libnbd-bin"),
-    ("python3-nbd", "python3-libnbd"),
-    ("qemu-io", "qemu-utils"),
-    ("qemu-img", "qemu-utils"),
-    ("mkfs.ext4", "e2fsprogs"),
-    ("e2fsck", "e2fsprogs"),
-    ("mkfs.xfs", "xfsprogs"),
-    ("xfs_repair", "xfsprogs"),
-    ("mkfs.vfat", "dosfstools"),
-    ("fsck.vfat", "dosfstools"),
-    ("blkid", "util-linux"),
-    ("systemd-socket-activate", "systemd"),
-    ("bindfs", "bindfs"),
-];
+/// Every external tool a test may need, with the Debian package shipping
+/// it: tests/tools, the table tests/run and bench/run read too.
+const TOOLS: &str = include_str!("../tools");
+
+/// The Debian package of `tool`, from tests/tools.
+pub fn package_of(tool: &str) -> Option<&'static str> {
+    TOOLS
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?, f.next()?))
+        })
+        .find(|(t, _)| *t == tool)
+        .map(|(_, p)| p)
+}
 
 /// Where a tool is found: PATH, then /usr/sbin and /sbin (where the mkfs
 /// tools live, which a non-root PATH often lacks).
@@ -80,11 +75,8 @@ pub fn find_tool(name: &str) -> Option<PathBuf> {
 pub fn require(tools: &[&str]) {
     let mut missing = Vec::new();
     for &tool in tools {
-        let package = TOOLS
-            .iter()
-            .find(|(t, _)| *t == tool)
-            .unwrap_or_else(|| panic!("test bug: tool {tool} is not in the TOOLS table"))
-            .1;
+        let package = package_of(tool)
+            .unwrap_or_else(|| panic!("test bug: tool {tool} is not in tests/tools"));
         let present = if tool == "python3-nbd" {
             Command::new(PYTHON)
                 .args(["-c", "import nbd"])
@@ -421,6 +413,12 @@ pub struct Output {
     pub stderr: String,
 }
 
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 impl Output {
     pub fn describe(&self) -> String {
         format!(
@@ -432,12 +430,49 @@ impl Output {
 
 /// Runs a command to completion (within [`DEADLINE`]).
 pub fn run(name: &str, cmd: Command) -> Output {
+    run_within(name, cmd, DEADLINE)
+}
+
+/// Runs a command to completion within `limit`: past it the command is
+/// killed and the test fails.
+pub fn run_within(name: &str, cmd: Command, limit: Duration) -> Output {
     let mut p = Proc::spawn(name, cmd);
+    if p.wait_timeout(limit).is_none() {
+        panic!("{name} did not finish within {limit:?}\n{}", p.describe());
+    }
     let status = p.wait();
     Output {
         status,
         stdout: p.stdout(),
         stderr: p.stderr(),
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `limit`.
+pub fn wait_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `limit` for a child started outside [`Proc`] to exit;
+/// false if it still runs.
+pub fn wait_child(child: &mut Child, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) if Instant::now() >= end => return false,
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+        }
     }
 }
 

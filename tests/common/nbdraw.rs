@@ -9,7 +9,6 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-pub const OPT_ABORT: u32 = 2;
 pub const OPT_GO: u32 = 7;
 pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
@@ -146,21 +145,13 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
-pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
-pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
-pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
-pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
-pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
-pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
-pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
 
 /// NBD error numbers on the wire.
-pub const NBD_EINVAL: u32 = 22;
 pub const NBD_ENOSPC: u32 = 28;
 
 /// How replies are framed after GO.

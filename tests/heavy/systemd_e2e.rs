@@ -24,13 +24,15 @@
 //! Needs root (mounts, cgroups, nspawn). A missing tool fails the test with
 //! the Debian package to install; tests/run installs them all.
 
+use crate::common::{
+    Output, PYTHON, free_port, require, require_root, run_within, wait_child, wait_until,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
@@ -38,7 +40,6 @@ use std::time::{Duration, Instant};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 /// Debian's python3, which has the libnbd bindings.
-const PYTHON: &str = "/usr/bin/python3";
 /// The disk size the test puts in /etc/tmpdisk/tmpdisk.conf (the unit's
 /// default is 1G: seeing this proves the file was read).
 const SIZE: u64 = 320 << 20;
@@ -160,10 +161,14 @@ fn end_to_end(format: Format) {
         a.uuid, b.uuid,
         "two clients must get two freshly made filesystems"
     );
-    let units = wait_until("exactly two running tmpdisk@ instances", 30, || {
-        let units = ct.running_instances();
-        (units.len() == 2).then_some(units)
-    });
+    let units = wait_until(
+        "exactly two running tmpdisk@ instances",
+        Duration::from_secs(30),
+        || {
+            let units = ct.running_instances();
+            (units.len() == 2).then_some(units)
+        },
+    );
     check_instances(&ct, &units);
     check_slice(&ct);
     assert_eq!(a.request("check"), "marker=client A", "client A's disk");
@@ -173,9 +178,11 @@ fn end_to_end(format: Format) {
     a.wait_exit();
     b.wait_exit();
 
-    wait_until("the tmpdisk@ instances to disappear", 30, || {
-        ct.instances().is_empty().then_some(())
-    });
+    wait_until(
+        "the tmpdisk@ instances to disappear",
+        Duration::from_secs(30),
+        || ct.instances().is_empty().then_some(()),
+    );
     // systemd removes an instance's private tmp directories in the
     // background after the instance is gone.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -210,7 +217,7 @@ fn end_to_end(format: Format) {
 
     // An upgrade (here: reinstalling) leaves a connected client alone.
     let mut c = Client::connect(&tls_uri, "client C");
-    let unit = wait_until("client C's instance", 30, || {
+    let unit = wait_until("client C's instance", Duration::from_secs(30), || {
         let units = ct.running_instances();
         (units.len() == 1).then(|| units[0].clone())
     });
@@ -242,12 +249,14 @@ fn end_to_end(format: Format) {
 
 /// nbdinfo's report on `uri`; it must succeed.
 fn nbdinfo(uri: &str) -> String {
-    let info = run(
-        Command::new("nbdinfo").arg(uri),
-        Duration::from_secs(60),
-        "nbdinfo",
+    let mut c = Command::new("nbdinfo");
+    c.arg(uri);
+    let info = run_within("nbdinfo", c, Duration::from_secs(60));
+    assert!(
+        info.status.success(),
+        "nbdinfo {uri} failed: {}",
+        info.describe()
     );
-    assert!(info.status.success(), "nbdinfo {uri} failed: {info}");
     info.stdout
 }
 
@@ -259,12 +268,10 @@ fn enable_tls(ct: &Container, port: u16) -> String {
     let client = pki.join("client");
     fs::create_dir_all(&client).unwrap();
     let openssl = |args: &[&str]| {
-        let out = run(
-            Command::new("openssl").args(args).current_dir(&pki),
-            Duration::from_secs(60),
-            "openssl",
-        );
-        assert!(out.status.success(), "{out}");
+        let mut c = Command::new("openssl");
+        c.args(args).current_dir(&pki);
+        let out = run_within("openssl", c, Duration::from_secs(60));
+        assert!(out.status.success(), "{}", out.describe());
     };
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
     openssl(
@@ -346,11 +353,9 @@ fn enable_tls(ct: &Container, port: u16) -> String {
         info.contains("with TLS") && info.contains("ext4 filesystem data"),
         "over TLS: {info}"
     );
-    let plain = run(
-        Command::new("nbdinfo").arg(format!("nbd://127.0.0.1:{port}")),
-        Duration::from_secs(60),
-        "nbdinfo",
-    );
+    let mut c = Command::new("nbdinfo");
+    c.arg(format!("nbd://127.0.0.1:{port}"));
+    let plain = run_within("nbdinfo", c, Duration::from_secs(60));
     assert!(
         !plain.status.success(),
         "TMPDISK_TLS=require must refuse a plaintext client: {plain}"
@@ -573,18 +578,22 @@ fn check_slice(ct: &Container) {
 /// A "client served" and a "client left" record per client, with the
 /// structured fields, from the instances.
 fn check_journal(ct: &Container, clients: usize) {
-    let (served, left) = wait_until("the journal records of every client", 30, || {
-        let entries = ct.journal();
-        let of = |message: &str| -> Vec<BTreeMap<String, String>> {
-            entries
-                .iter()
-                .filter(|e| e.get("MESSAGE").map(String::as_str) == Some(message))
-                .cloned()
-                .collect()
-        };
-        let (served, left) = (of("client served"), of("client left"));
-        (served.len() >= clients && left.len() >= clients).then_some((served, left))
-    });
+    let (served, left) = wait_until(
+        "the journal records of every client",
+        Duration::from_secs(30),
+        || {
+            let entries = ct.journal();
+            let of = |message: &str| -> Vec<BTreeMap<String, String>> {
+                entries
+                    .iter()
+                    .filter(|e| e.get("MESSAGE").map(String::as_str) == Some(message))
+                    .cloned()
+                    .collect()
+            };
+            let (served, left) = (of("client served"), of("client left"));
+            (served.len() >= clients && left.len() >= clients).then_some((served, left))
+        },
+    );
     let field = |e: &BTreeMap<String, String>, name: &str| -> String {
         // tracing-journald prefixes the fields of an event with "F_" unless
         // told otherwise; accept both spellings.
@@ -654,11 +663,11 @@ fn check_cgroup_ends_what_setup_left(ct: &Container, port: u16) {
     hello.extend_from_slice(&6u32.to_be_bytes());
     hello.extend_from_slice(&[0; 6]);
     client.write_all(&hello).unwrap();
-    let job = wait_until("the setup's setsid job", 30, || {
+    let job = wait_until("the setup's setsid job", Duration::from_secs(30), || {
         let pid = ct.out(&["pgrep", "-f", "^sleep 1001$"]);
         (!pid.is_empty() && !ct.out(&["pgrep", "-f", "^sleep 1002$"]).is_empty()).then_some(pid)
     });
-    let unit = wait_until("the setting-up instance", 30, || {
+    let unit = wait_until("the setting-up instance", Duration::from_secs(30), || {
         let units = ct.instances();
         (units.len() == 1).then(|| units[0].clone())
     });
@@ -677,22 +686,30 @@ fn check_cgroup_ends_what_setup_left(ct: &Container, port: u16) {
         "the serving process has one child, the setup's stand-in: {stand_in:?}"
     );
     ct.ok(&["kill", "-9", main, stand_in.trim()]);
-    wait_until("systemd to kill the setsid job with the unit", 30, || {
-        ct.out(&["pgrep", "-f", "^sleep 100[12]$"])
-            .is_empty()
-            .then_some(())
-    });
-    wait_until("the killed instance to be gone", 30, || {
-        ct.instances().is_empty().then_some(())
-    });
+    wait_until(
+        "systemd to kill the setsid job with the unit",
+        Duration::from_secs(30),
+        || {
+            ct.out(&["pgrep", "-f", "^sleep 100[12]$"])
+                .is_empty()
+                .then_some(())
+        },
+    );
+    wait_until(
+        "the killed instance to be gone",
+        Duration::from_secs(30),
+        || ct.instances().is_empty().then_some(()),
+    );
     drop(client);
     fs::write(&conf, saved).unwrap();
 }
 
 fn check_removed(ct: &Container, format: Format, port: u16) {
-    wait_until("no tmpdisk@ instance after removal", 30, || {
-        ct.instances().is_empty().then_some(())
-    });
+    wait_until(
+        "no tmpdisk@ instance after removal",
+        Duration::from_secs(30),
+        || ct.instances().is_empty().then_some(()),
+    );
     let active = ct.out(&["systemctl", "is-active", "tmpdisk.socket"]);
     assert_eq!(active, "inactive", "the socket must be stopped");
     let files = ct.out(&["systemctl", "list-unit-files", "--no-legend", "tmpdisk*"]);
@@ -736,50 +753,24 @@ fn check_removed(ct: &Container, format: Format, port: u16) {
 // --- tools -------------------------------------------------------------------
 
 fn require_root_and_tools(format: Format) {
-    assert!(
-        fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0),
-        "the systemd end-to-end tests need root (systemd-nspawn, overlay mounts, cgroups): run tests/run as root"
-    );
+    require_root("systemd-nspawn, overlay mounts and cgroups need it");
+    // systemd-analyze verify checks Documentation=man:tmpdisk(8) with man.
     let mut tools = vec![
-        ("systemd-nspawn", "systemd-container"),
-        ("systemd-analyze", "systemd"),
-        ("nsenter", "util-linux"),
-        ("nbdinfo", "libnbd-bin"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("openssl", "openssl"),
-        ("python3", "python3"),
-        // systemd-analyze verify checks Documentation=man:tmpdisk(8) with man.
-        ("man", "man-db"),
+        "systemd-nspawn",
+        "systemd-analyze",
+        "nsenter",
+        "nbdinfo",
+        "mkfs.ext4",
+        "openssl",
+        "python3",
+        "python3-nbd",
+        "man",
     ];
     match format {
-        Format::Deb => tools.push(("dpkg", "dpkg")),
-        Format::Rpm => tools.extend([("rpm", "rpm"), ("rpmbuild", "rpm")]),
+        Format::Deb => tools.push("dpkg"),
+        Format::Rpm => tools.extend(["rpm", "rpmbuild"]),
     }
-    let mut missing = Vec::new();
-    for (tool, package) in tools {
-        if find_tool(tool).is_none() {
-            missing.push(format!("{tool} (Debian package {package})"));
-        }
-    }
-    let nbd = Command::new(PYTHON).args(["-c", "import nbd"]).output();
-    if !nbd.is_ok_and(|o| o.status.success()) {
-        missing.push(format!(
-            "the nbd module of {PYTHON} (Debian package python3-libnbd)"
-        ));
-    }
-    assert!(
-        missing.is_empty(),
-        "missing for the systemd end-to-end test: {}; install them (tests/run does, as root)",
-        missing.join(", ")
-    );
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    require(&tools);
 }
 
 // --- the packages, built once per test run -------------------------------------
@@ -837,13 +828,12 @@ fn build_packages() -> Result<Packages, String> {
             cmd.env_remove(key.as_ref());
         }
     }
-    let built = run(
-        &mut cmd,
-        Duration::from_secs(600),
-        "packaging/build-packages",
-    );
+    let built = run_within("packaging/build-packages", cmd, Duration::from_secs(600));
     if !built.status.success() {
-        return Err(format!("packaging/build-packages failed: {built}"));
+        return Err(format!(
+            "packaging/build-packages failed: {}",
+            built.describe()
+        ));
     }
     eprintln!(
         "systemd_e2e: packages built in {:.1} s",
@@ -909,14 +899,15 @@ impl Container {
             ct.work.join("upper").display(),
             ct.work.join("work").display()
         );
-        let mount = run(
-            Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o", &options])
-                .arg(&ct.root),
-            Duration::from_secs(30),
-            "mount",
+        let mut c = Command::new("mount");
+        c.args(["-t", "overlay", "overlay", "-o", &options])
+            .arg(&ct.root);
+        let mount = run_within("mount", c, Duration::from_secs(30));
+        assert!(
+            mount.status.success(),
+            "overlay mount failed: {}",
+            mount.describe()
         );
-        assert!(mount.status.success(), "overlay mount failed: {mount}");
         ct.mounted = true;
 
         // nspawn runs in a cgroup of its own (in both hierarchies of this
@@ -951,26 +942,34 @@ impl Container {
         let nspawn_pid = child.id();
         ct.nspawn = Some(child);
 
-        ct.leader = wait_until("the container's systemd to start", 30, || {
-            if let Some(Ok(Some(st))) = ct.nspawn.as_mut().map(Child::try_wait) {
-                panic!("systemd-nspawn exited ({st}) during boot: {}", ct.console());
-            }
-            let children =
-                fs::read_to_string(format!("/proc/{nspawn_pid}/task/{nspawn_pid}/children"))
-                    .unwrap_or_default();
-            children.split_whitespace().find_map(|c| {
-                let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
-                (comm.trim() == "systemd").then(|| c.parse().unwrap())
-            })
-        });
-        let state = wait_until("the container to finish booting", 60, || {
-            let out = ct.run_for(
-                &["systemctl", "is-system-running", "--wait"],
-                Duration::from_secs(30),
-            );
-            let state = out.stdout.trim().to_string();
-            matches!(state.as_str(), "running" | "degraded").then_some(state)
-        });
+        ct.leader = wait_until(
+            "the container's systemd to start",
+            Duration::from_secs(30),
+            || {
+                if let Some(Ok(Some(st))) = ct.nspawn.as_mut().map(Child::try_wait) {
+                    panic!("systemd-nspawn exited ({st}) during boot: {}", ct.console());
+                }
+                let children =
+                    fs::read_to_string(format!("/proc/{nspawn_pid}/task/{nspawn_pid}/children"))
+                        .unwrap_or_default();
+                children.split_whitespace().find_map(|c| {
+                    let comm = fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+                    (comm.trim() == "systemd").then(|| c.parse().unwrap())
+                })
+            },
+        );
+        let state = wait_until(
+            "the container to finish booting",
+            Duration::from_secs(60),
+            || {
+                let out = ct.run_for(
+                    &["systemctl", "is-system-running", "--wait"],
+                    Duration::from_secs(30),
+                );
+                let state = out.stdout.trim().to_string();
+                matches!(state.as_str(), "running" | "degraded").then_some(state)
+            },
+        );
         if state == "degraded" {
             let failed = ct.out(&["systemctl", "--failed", "--no-legend", "--plain"]);
             eprintln!("systemd_e2e: container degraded (not our units): {failed}");
@@ -1000,7 +999,7 @@ impl Container {
             .env("SYSTEMD_PAGER", "")
             .env("SYSTEMD_COLORS", "0")
             .env("LC_ALL", "C.UTF-8");
-        run(&mut cmd, timeout, &args.join(" "))
+        run_within(&args.join(" "), cmd, timeout)
     }
 
     /// Run a command in the container (60 s at most).
@@ -1011,7 +1010,7 @@ impl Container {
     /// Run a command in the container; it must succeed.
     fn ok(&self, args: &[&str]) -> Output {
         let out = self.run(args);
-        assert!(out.status.success(), "in the container: {out}");
+        assert!(out.status.success(), "in the container: {}", out.describe());
         out
     }
 
@@ -1332,105 +1331,4 @@ fn line_channel<R: Read + Send + 'static>(r: R) -> Receiver<String> {
         }
     });
     rx
-}
-
-// --- processes with deadlines ---------------------------------------------------
-
-struct Output {
-    what: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Output {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "`{}` {}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what, self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Run a command to completion within `timeout` (killed and a failure
-/// after it), collecting its output.
-fn run(cmd: &mut Command, timeout: Duration, what: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-    let collect = |r: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let out = collect(
-        child
-            .stdout
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    let err = collect(
-        child
-            .stderr
-            .take()
-            .map(|r| Box::new(r) as Box<dyn Read + Send>),
-    );
-    if !wait_child(&mut child, timeout) {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "`{what}` did not finish within {} s; stdout: {} stderr: {}",
-            timeout.as_secs(),
-            out.join().unwrap(),
-            err.join().unwrap()
-        );
-    }
-    Output {
-        what: what.to_string(),
-        status: child.wait().unwrap(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-/// Wait for a child to exit; false if it is still running at the deadline.
-fn wait_child(child: &mut Child, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return true,
-            Ok(None) if Instant::now() >= deadline => return false,
-            Ok(None) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// Poll `f` until it returns Some, for at most `secs` seconds.
-fn wait_until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
 }

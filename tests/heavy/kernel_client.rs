@@ -21,9 +21,7 @@
 //! it cannot. The console log of the last run is kept as
 //! target/guest/last-console.log.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 //! A crash the fuzzer finds lands in fuzz/artifacts/TARGET/; copy it into
 //! fuzz/regressions/TARGET/ so it is replayed from then on.
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../../fuzz/harness.rs"]
 mod harness;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,57 @@
+"""What the header says about where and what was measured: the machine
+(CPU, cores, kernel, RAM, load), the scratch dir's file system, and the
+versions of tmpdisk (with its git revision), nbdkit, libnbd and fio."""
+
+import os
+import platform
+import socket
+import subprocess
+
+import nbd
+
+from .common import GiB, REPO
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "ram_gib": round(mem / GiB, 1), "host": socket.gethostname(),
+            "load_start": os.getloadavg()}
+
+
+def versions(cfg):
+    def out(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return r.stdout.strip().splitlines()[0] if r.stdout.strip() else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+    rev = out(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    dirty = out(["git", "-C", REPO, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    return {"tmpdisk": out([cfg.work.tmpdisk, "--version"]),
+            "tmpdisk_git": rev + ("+dirty" if dirty not in ("", "?") else ""),
+            "nbdkit": out([cfg.tools.nbdkit, "--version"]),
+            "libnbd": nbd.NBD().get_version(),
+            "fio": out([cfg.tools.fio, "--version"])}
+
+
+def fs_of(path):
+    try:
+        out = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "--target", path],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return " on ".join(out) or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"

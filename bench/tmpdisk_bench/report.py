@@ -1,0 +1,158 @@
+"""What is printed: the summary of the runs (medians, ratios, targets
+met), the table as text or Markdown with its header and footer (targets
+missed, rows without a result, the ceiling), and the JSON document."""
+
+from .common import median
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if unit == "%" and abs(v) < 10:
+        return "%.2f" % v
+    if abs(v) >= 1000:
+        return "%.0f" % v
+    if abs(v) >= 100:
+        return "%.0f" % v
+    if abs(v) >= 10:
+        return "%.1f" % v
+    if abs(v) >= 1:
+        return "%.2f" % v
+    if v == 0:
+        return "0"
+    return "%.3g" % v
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "-"
+    if r >= 10:
+        return "%.0f×" % r
+    if r >= 0.1:
+        return "%.3f×" % r  # 3 decimals: "1.50× NO" for 1.497 would confuse
+    return "%.2g×" % r
+
+
+def summarize(rows, runs):
+    out = []
+    for r in rows:
+        tv = [run[r.id].get("tmpdisk", (None,))[0] for run in runs]
+        nv = [run[r.id].get("nbdkit", (None,))[0] for run in runs]
+        ratios = [t / n for t, n in zip(tv, nv) if t is not None and n]
+        failed = any(run[r.id].get("tmpdisk", (None, {}))[1].get("failed") for run in runs)
+        tmed, nmed, rmed = median(tv), median(nv), median(ratios)
+        met = r.met(tmed, rmed)
+        met = None if met is None else ("yes" if met else "NO")
+        if r.id.endswith(".empty_read") and r.label.find("16G") < 0 and met:
+            met += " (target is for 16G)"
+        out.append({
+            "id": r.id, "label": r.label, "unit": r.unit, "better": r.better,
+            "tmpdisk": tmed, "nbdkit": nmed, "ratio": rmed,
+            "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+            "runs_with_ratio": len(ratios), "target": r.target_text, "absolute_target": r.absolute,
+            "met": "FAIL (data)" if failed else met, "info": r.info,
+        })
+    return out
+
+
+def table(summary, repeat, markdown):
+    spread = repeat > 1
+    head = ["row", "unit", "better", "tmpdisk", "nbdkit", "ratio t/n"]
+    if spread:
+        head.append("ratio min–max")
+    head += ["target", "met"]
+    lines = []
+    for s in summary:
+        cells = [s["label"], s["unit"], s["better"], fmt(s["tmpdisk"], s["unit"]),
+                 fmt(s["nbdkit"], s["unit"]), fmt_ratio(s["ratio"])]
+        if spread:
+            cells.append("%s–%s" % (fmt_ratio(s["ratio_min"]).rstrip("×"), fmt_ratio(s["ratio_max"]))
+                         if s["ratio_min"] is not None else "-")
+        cells += [s["target"] + (" (tmpdisk)" if s["absolute_target"] else ""), s["met"] or ("-" if s["info"] else "?")]
+        lines.append(cells)
+    if markdown:
+        right = {"tmpdisk", "nbdkit", "ratio t/n", "ratio min–max"}
+        out = ["| " + " | ".join(head) + " |",
+               "|" + "|".join("--:" if h in right else "---" for h in head) + "|"]
+        for c in lines:
+            out.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
+        return "\n".join(out)
+    w = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    num = {3, 4, 5} | ({6} if spread else set())
+
+    def line(c):
+        return "  ".join(x.rjust(w[i]) if i in num else x.ljust(w[i]) for i, x in enumerate(c)).rstrip()
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(c) for c in lines])
+
+
+def header(cfg, mach, ver, date, repeat, markdown):
+    st, work = cfg.settings, cfg.work
+    mode = "quick" if st.quick else "full"
+    lines = [
+        "tmpdisk vs nbdkit tmpdisk, %s, %s run%s" % (date, mode,
+                                                    ", median of %d repeats" % repeat if repeat > 1 else ""),
+        "machine: %s, %d cores, kernel %s, %.1f GiB RAM, load %.2f %.2f %.2f at start" % (
+            mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], *mach["load_start"]),
+        "tmpdisk %s (git %s, built %s)%s; %s; libnbd %s; %s" % (
+            ver["tmpdisk"].split()[-1], ver["tmpdisk_git"], work.tmpdisk_built,
+            " [binary older than src/: rebuild!]" if work.stale else "", ver["nbdkit"], ver["libnbd"], ver["fio"]),
+        "tcp = systemd-socket-activate on 127.0.0.1 (tmpdisk: --accept, a process per client; nbdkit: its own "
+        "socket activation); unix = tmpdisk --unix vs nbdkit -f -U; images in %s (%s)"
+        % (work.scratch_where, work.scratch_fs),
+        "ratio = tmpdisk/nbdkit; connect: median of %d; seq: %d run(s), 1 GiB each; fio %gs per job; "
+        "%d clients" % (st.runs, st.seq_runs, st.fio_runtime, st.clients),
+    ]
+    if markdown:
+        return "\n".join("_%s_  " % l if i == 0 else l + "  " for i, l in enumerate(lines))
+    return "\n".join(lines)
+
+
+def ceilings_text(calib, summary):
+    """One line per transport: the null plugin's median over all repeats, and
+    what it is as a ratio to nbdkit tmpdisk's own median in the same rows."""
+    parts = []
+    for tr in ("tcp", "unix"):
+        samples = [c[tr] for c in calib if c.get(tr)]
+        if not samples:
+            continue
+        ws = [x for c in samples for x in c["write_samples"]]
+        w, r = median(ws), median([x for c in samples for x in c["read_samples"]])
+        n = {s["id"]: s["nbdkit"] for s in summary}.get(tr + ".seq_write")
+        rel = " = %.2f× nbdkit tmpdisk's" % (w / n) if n else ""
+        parts.append("%s (%d runs) write %.0f MB/s%s (read %.0f MB/s, no bound)" % (tr, len(ws), w, rel, r))
+    if not parts:
+        return "ceiling: every run failed (see the log above)" if any(calib) else ""
+    return ("ceiling: the same seq loop against nbdkit's null plugin, which stores nothing (median): %s"
+            % "; ".join(parts))
+
+
+def footer(summary, calib, elapsed, load_end, interrupted, markdown):
+    """The line under the table: time, load, targets missed, rows without a
+    result, the ceiling, and whether the run was cut short."""
+    tail = "elapsed %.0f s; load %.2f %.2f %.2f at end" % (elapsed, *load_end)
+    missed = [s["label"] for s in summary if s["met"] and not s["met"].startswith("yes")]
+    unknown = [s["label"] for s in summary if not s["met"] and not (s["info"] and s["tmpdisk"] is not None)]
+    tail += "; targets missed: %s" % (", ".join(missed) if missed else "none")
+    if unknown:
+        tail += "; no result: %s" % ", ".join(unknown)
+    ceiling = ceilings_text(calib, summary)
+    if ceiling:
+        tail += "; " + ceiling
+    if interrupted:
+        tail += "; INTERRUPTED: partial results"
+    return tail + ("  " if markdown else "")
+
+
+def json_document(cfg, date, mach, ver, runs, elapsed, interrupted, calib, summary):
+    """Everything: the settings, every sample per server and per repeat,
+    the ceilings and the summary."""
+    st, work = cfg.settings, cfg.work
+    return {"date": date, "machine": mach, "versions": ver, "quick": st.quick,
+            "repeat": len(runs), "elapsed_s": elapsed, "interrupted": interrupted,
+            "settings": {"tmpdisk": work.tmpdisk_source, "tmpdisk_built": work.tmpdisk_built,
+                         "runs": st.runs, "clients": st.clients, "fio_runtime": st.fio_runtime,
+                         "seq_runs": st.seq_runs, "big_size": st.big_size,
+                         "scratch": work.scratch_where},
+            "seq_ceiling_nbdkit_null": calib, "summary": summary,
+            "runs": [{rid: {srv: {"value": v, "details": d} for srv, (v, d) in per.items()}
+                      for rid, per in run.items()} for run in runs]}

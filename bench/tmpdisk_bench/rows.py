@@ -1,0 +1,108 @@
+"""The table's rows: their ids, labels, units, better direction and
+targets (issue 4), the groups --only accepts, and choosing rows."""
+
+import fnmatch
+import sys
+
+from .common import size_str
+
+
+class Row:
+    """One figure of the table.  better: 'lower' or 'higher'.  target: the
+    bound the ratio tmpdisk/nbdkit must meet, or with absolute=True the bound
+    tmpdisk's own value must meet (in the row's unit)."""
+
+    def __init__(self, rid, label, unit, better, target, absolute=False, target_text=None, info=False):
+        self.id, self.label, self.unit, self.better = rid, label, unit, better
+        self.target, self.absolute, self.info = target, absolute, info
+        if info:
+            target_text = "(for comparison)"
+        op = "≤" if better == "lower" else "≥"
+        self.target_text = target_text or (
+            "%s %s %s" % (op, tnum(target), unit) if absolute else "%s %s×" % (op, tnum(target)))
+
+    def met(self, tval, ratio):
+        if self.info:
+            return None
+        v = tval if self.absolute else ratio
+        if v is None:
+            return None
+        return v <= self.target if self.better == "lower" else v >= self.target
+
+
+def tnum(t):
+    return "%.1f" % t if abs(t * 10 - round(t * 10)) < 1e-9 else "%g" % t
+
+
+def build_rows(settings):
+    """All rows, in table order, for these settings."""
+    big, n = size_str(settings.big_size), settings.clients
+    rows = []
+    for t in ("ext4", "xfs", "vfat"):
+        rows.append(Row("tcp.connect_1G_%s" % t, "connect-to-ready 1G %s" % t, "ms", "lower", 1.0))
+    rows.append(Row("tcp.connect_16G_ext4", "connect-to-ready 16G ext4", "ms", "lower", 0.5))
+    mem_rows = [
+        Row("tcp.mem_per_client", "memory per client (PSS, %d clients)" % n, "MiB", "lower", 0.5, absolute=True),
+        Row("tcp.disk_per_client", "real disk per fresh 1G ext4 client", "MiB", "lower", 0.125,
+            target_text="≤ 0.125× (1/8)"),
+        Row("tcp.ready_all", "%d clients at once, all ready" % n, "s", "lower", 1.0),
+    ]
+    for tr in ("tcp", "unix"):
+        p = "" if tr == "tcp" else "unix: "
+        rows += [
+            Row(tr + ".seq_write", p + "seq write 1G (256K ×16)", "MB/s", "higher", 1.2),
+            Row(tr + ".seq_read", p + "seq read-back 1G (256K ×16)", "MB/s", "higher", 1.5),
+            Row(tr + ".empty_read", p + "read never-written %s disk" % big, "s", "lower", 0.01,
+                target_text="≤ 0.01× (100× faster)"),
+            Row(tr + ".empty_data", p + "%s fresh disk called data" % big, "%", "lower", 1.0, absolute=True),
+            Row(tr + ".randread_qd1", p + "randread 4k QD1 (fio)", "IOPS", "higher", 1.2),
+            Row(tr + ".randread_qd16", p + "randread 4k QD16 (fio)", "IOPS", "higher", 1.0),
+            Row(tr + ".randwrite_qd1", p + "randwrite 4k QD1 (fio)", "IOPS", "higher", 1.2),
+            Row(tr + ".randwrite_qd16", p + "randwrite 4k QD16 (fio)", "IOPS", "higher", 1.0),
+        ]
+        if tr == "tcp":
+            rows += mem_rows
+    # TLS throughput next to plaintext (same socket activation as tcp, TLS
+    # required, no client certificate); no target, for comparison.
+    rows += [
+        Row("tls.seq_write", "TLS: seq write 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
+        Row("tls.seq_read", "TLS: seq read-back 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
+    ]
+    return rows
+
+
+GROUPS = {
+    "latency": ["*.connect_*"],
+    "connect": ["*.connect_*"],
+    "seq": ["*.seq_*"],
+    "empty": ["*.empty_*"],
+    "fio": ["*.rand*"],
+    "rand": ["*.rand*"],
+    "mem": ["*.mem_per_client", "*.disk_per_client", "*.ready_all"],
+    "disk": ["*.disk_per_client"],
+    "ready": ["*.ready_all"],
+    "tcp": ["tcp.*"],
+    "unix": ["unix.*"],
+    "tls": ["tls.*"],
+    "io": ["*.seq_*", "*.empty_*", "*.rand*"],
+}
+
+
+def select_rows(rows, only):
+    if not only:
+        return rows
+    pats = []
+    for w in only.split(","):
+        w = w.strip()
+        if not w:
+            continue
+        if w in GROUPS:
+            pats += GROUPS[w]
+        elif "." in w:
+            pats.append(w)
+        else:
+            pats.append("*." + w)
+    picked = [r for r in rows if any(fnmatch.fnmatchcase(r.id, p) for p in pats)]
+    if not picked:
+        sys.exit("bench/run: --only %r selects no row (see --list)" % only)
+    return picked

@@ -1,0 +1,257 @@
+"""The measurements: each workload runs on one started server and returns
+{row id: (value, details)} for the rows it measures; and the ceiling of
+the seq rows, the same loop against nbdkit's null plugin."""
+
+import json
+import os
+import random
+import subprocess
+import threading
+import time
+
+import nbd
+
+from .common import GiB, KiB, MiB, BenchError, log, median
+from .nbdclient import aio_run, connect, connect_many, disconnect, wait_command
+from .procs import comm, images, tree_pss
+
+
+def settle(settings):
+    """Bounded wait for the page cache's Dirty+Writeback to drain, so that a
+    latency figure does not include writeback left by an earlier workload."""
+    t0 = time.monotonic()
+    # kick writeback now rather than waiting for dirty_expire (30 s): sync(2)
+    # in a thread so that a slow disk cannot hang us past the bound
+    threading.Thread(target=os.sync, daemon=True).start()
+    while True:
+        dirty = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(("Dirty:", "Writeback:")):
+                    dirty += int(line.split()[1]) * 1024
+        waited = time.monotonic() - t0
+        if dirty <= settings.settle_mib * MiB:
+            return waited
+        if waited > settings.settle_timeout:
+            log("settle: Dirty+Writeback still %d MiB after %.0f s; going on" % (dirty // MiB, waited))
+            return waited
+        time.sleep(0.1)
+
+
+def w_connect(srv, cfg, rid):
+    settle(cfg.settings)
+    samples, errors = [], []
+    for _ in range(cfg.settings.runs):
+        try:
+            h, dt = connect(srv.uri, 30)
+            samples.append(dt * 1000)
+            disconnect(h)
+            del h
+        except BenchError as e:
+            errors.append(str(e))
+        time.sleep(0.05)  # the same pause for both: the last client's server side winds down
+    if not samples:
+        raise BenchError("no connection succeeded: %s" % errors[:1])
+    return {rid: (median(samples), {"samples_ms": samples, "errors": errors})}
+
+
+def w_seq(srv, cfg, tr):
+    rs, depth, npat = 256 * KiB, 16, 17
+    pats = [os.urandom(rs) for _ in range(npat)]
+    wr, rd, bad, notes = [], [], 0, []
+    for _ in range(cfg.settings.seq_runs):
+        h, _ = connect(srv.uri, 30)
+        try:
+            size = h.get_size()
+            total = min(GiB, size - size % rs)
+            nblk = total // rs
+            verify = set(random.sample(range(0, total, rs), min(64, nblk)) + [0, total - rs])
+            dl = time.monotonic() + cfg.settings.io_timeout
+            dt, _ = aio_run(h, total, rs, depth, True, pats, dl, set())
+            wr.append(total / dt / 1e6)
+            dl = time.monotonic() + cfg.settings.io_timeout
+            dt, badblk = aio_run(h, total, rs, depth, False, pats, dl, verify)
+            rd.append(total / dt / 1e6)
+            bad += len(badblk)
+            notes.append("verified %d blocks, %d bad" % (len(verify), len(badblk)))
+        finally:
+            disconnect(h)
+            del h
+    det = {"runs": len(wr), "verify": "ok" if bad == 0 else "FAIL (%d bad blocks)" % bad, "notes": notes}
+    return {tr + ".seq_write": (median(wr), dict(det, samples=wr)),
+            tr + ".seq_read": (median(rd), dict(det, samples=rd, failed=bad > 0))}
+
+
+def w_empty(srv, cfg, tr, want):
+    out = {}
+    if tr + ".empty_data" in want:
+        h, _ = connect(srv.uri, 60, meta=True)
+        try:
+            size = h.get_size()
+            if not h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+                out[tr + ".empty_data"] = (100.0, {"note": "no base:allocation: every byte is data to a client"})
+            else:
+                data = pos = 0
+                t0 = time.monotonic()
+                while pos < size:
+                    if time.monotonic() - t0 > cfg.settings.io_timeout:
+                        raise BenchError("block status walk not done in %d s" % cfg.settings.io_timeout)
+                    got = []
+
+                    def cb(ctx, off, entries, err):
+                        if ctx == nbd.CONTEXT_BASE_ALLOCATION:
+                            got.extend(entries)
+                        return 0
+                    c = h.aio_block_status(min(size - pos, 1 << 30), pos, cb)
+                    wait_command(h, c, t0 + cfg.settings.io_timeout, "block status")
+                    if not got:
+                        raise BenchError("empty block status reply at %d" % pos)
+                    for i in range(0, len(got), 2):
+                        ln = min(got[i], size - pos)
+                        if not got[i + 1] & nbd.STATE_HOLE:
+                            data += ln
+                        pos += ln
+                        if pos >= size:
+                            break
+                out[tr + ".empty_data"] = (100.0 * data / size, {"data_bytes": data, "size": size,
+                                                                 "walk_s": time.monotonic() - t0})
+        finally:
+            disconnect(h)
+            del h
+    if tr + ".empty_read" in want:
+        samples = []
+        t_start = time.monotonic()
+        for _ in range(cfg.settings.empty_runs):
+            t0 = time.perf_counter()
+            try:
+                r = subprocess.run([cfg.tools.nbdcopy, "-C", "1", srv.uri, "null:"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, timeout=cfg.settings.empty_timeout)
+            except subprocess.TimeoutExpired:
+                raise BenchError("nbdcopy still running after %d s" % cfg.settings.empty_timeout)
+            dt = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise BenchError("nbdcopy failed: %s" % r.stderr.decode(errors="replace").strip()[:300])
+            samples.append(dt)
+            if time.monotonic() - t_start + dt > cfg.settings.empty_budget:
+                break
+        out[tr + ".empty_read"] = (median(samples), {"samples_s": samples,
+                                                     "GB_per_s": srv.size / median(samples) / 1e9})
+    return out
+
+
+def w_fio(srv, cfg, tr, want):
+    out = {}
+    for rw in ("randread", "randwrite"):
+        for qd in (1, 16):
+            rid = "%s.%s_qd%d" % (tr, rw, qd)
+            if rid not in want:
+                continue
+            jf = os.path.join(cfg.work.workdir, "fio.json")
+            if os.path.exists(jf):
+                os.unlink(jf)
+            cmd = [cfg.tools.fio, "--name=bench", "--ioengine=nbd", "--uri=" + srv.uri,
+                   "--rw=" + rw, "--bs=4k", "--iodepth=%d" % qd, "--numjobs=1",
+                   "--size=%d" % srv.size, "--runtime=%g" % cfg.settings.fio_runtime, "--time_based",
+                   "--norandommap", "--randrepeat=0", "--output-format=json", "--output=" + jf]
+            try:
+                r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, timeout=cfg.settings.fio_runtime + 60)
+            except subprocess.TimeoutExpired:
+                out[rid] = (None, {"error": "fio did not finish in time"})
+                continue
+            try:
+                with open(jf) as f:
+                    job = json.load(f)["jobs"][0]
+            except (OSError, ValueError, KeyError, IndexError) as e:
+                out[rid] = (None, {"error": "fio: %s %s" % (e, r.stderr.decode(errors="replace")[:300])})
+                continue
+            d = job["read" if rw == "randread" else "write"]
+            if r.returncode != 0 or job.get("error"):
+                out[rid] = (None, {"error": "fio exit %d: %s" % (r.returncode, r.stderr.decode(errors="replace")[:300])})
+                continue
+            lat = d.get("clat_ns", {})
+            out[rid] = (d["iops"], {"clat_mean_us": lat.get("mean", 0) / 1000,
+                                    "clat_p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000,
+                                    "runtime_s": cfg.settings.fio_runtime})
+    return out
+
+
+def calibrate(cfg, servers, transport):
+    """The ceiling for the seq write rows on one transport: the same aio loop
+    against nbdkit's null plugin (no storage, no mkfs; reads are memset
+    zeroes), started the way nbdkit tmpdisk is, seq_runs times.  For
+    writes it is the client, the transport and a server that receives and
+    discards: no server that stores the data can be expected to go faster,
+    so it bounds the write ratio any server can show against nbdkit tmpdisk
+    here.  Its reads are only a reference (a zero-copy server beats memset)."""
+    io_timeout = cfg.settings.io_timeout
+    try:
+        with servers.start(cfg, "null", transport, GiB, "") as srv:
+            rs = 256 * KiB
+            pats = [os.urandom(rs) for _ in range(17)]
+            w, r = [], []
+            for _ in range(cfg.settings.seq_runs):
+                h, _ = connect(srv.uri, 30)
+                try:
+                    w.append(GiB / aio_run(h, GiB, rs, 16, True, pats, time.monotonic() + io_timeout, set())[0] / 1e6)
+                    r.append(GiB / aio_run(h, GiB, rs, 16, False, pats, time.monotonic() + io_timeout, set())[0] / 1e6)
+                finally:
+                    disconnect(h)
+            return {"write_MBps": median(w), "read_MBps": median(r), "write_samples": w, "read_samples": r}
+    except (BenchError, nbd.Error, OSError) as e:
+        log("ceiling (%s) failed: %s" % (transport, e))
+        return None
+
+
+def wait_quiet(srv, timeout=10.0):
+    """Wait until no mkfs (or shell) runs in the server's tree any more."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not any(comm(p).startswith(("mkfs", "mke2fs", "sh")) for p in srv.pids()):
+            return
+        time.sleep(0.05)
+
+
+def w_clients(srv, cfg, want):
+    """memory and real disk per client, and N clients connecting at once."""
+    out = {}
+    settle(cfg.settings)
+    wait_quiet(srv)
+    time.sleep(0.2)
+    pss0, n0 = tree_pss(srv.proc.pid)
+    hs, per, wall, errors = connect_many(srv.uri, cfg.settings.clients, cfg.settings.clients_timeout)
+    try:
+        if len(hs) < cfg.settings.clients:
+            raise BenchError("%d of %d clients ready; %s" % (len(hs), cfg.settings.clients, errors[:2]))
+        out["tcp.ready_all"] = (wall, {"per_client_median_ms": median(per) * 1000,
+                                       "per_client_max_ms": max(per) * 1000})
+        wait_quiet(srv)
+        time.sleep(0.3)
+        pss1, n1 = tree_pss(srv.proc.pid)
+        out["tcp.mem_per_client"] = ((pss1 - pss0) / len(hs) / MiB, {
+            "idle_pss_mib": pss0 / MiB, "idle_processes": n0,
+            "loaded_pss_mib": pss1 / MiB, "loaded_processes": n1, "clients": len(hs)})
+        imgs = images(srv.proc.pid, srv.scratch)
+        if len(imgs) != len(hs):
+            log("%s: %d images for %d clients" % (srv.name, len(imgs), len(hs)))
+        if imgs:
+            out["tcp.disk_per_client"] = (sum(imgs.values()) / len(imgs) / MiB, {
+                "images": len(imgs), "total_mib": sum(imgs.values()) / MiB,
+                "min_mib": min(imgs.values()) / MiB, "max_mib": max(imgs.values()) / MiB})
+        else:
+            out["tcp.disk_per_client"] = (None, {"error": "no image found in the scratch dir"})
+    finally:
+        disconnect(*hs)
+        del hs
+    end = time.monotonic() + 10
+    left = None
+    while time.monotonic() < end:
+        left = images(srv.proc.pid, srv.scratch)
+        if not left:
+            break
+        time.sleep(0.1)
+    if left:
+        log("warning: %s still holds %d images 10 s after its clients left" % (srv.name, len(left)))
+        out.setdefault("tcp.disk_per_client", (None, {}))[1]["left_after_disconnect"] = len(left)
+    return {k: v for k, v in out.items() if k in want}
