@@ -60,6 +60,11 @@ const ALLOWED: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_futex,
     libc::SYS_rt_sigreturn,
+    // A poll stopped by SIGSTOP/SIGCONT (a debugger, `kill -STOP`) resumes
+    // through restart_syscall: without it the resumed poll failed with
+    // EPERM and the client was dropped (seen in tests/write_accounting.rs,
+    // which stops the server on purpose).
+    libc::SYS_restart_syscall,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigaction,
     libc::SYS_sigaltstack,
