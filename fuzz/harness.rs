@@ -115,18 +115,22 @@ pub struct FuzzExports {
 impl Channel for Mem<'_> {}
 
 impl Exports for FuzzExports {
-    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
         self.opened += 1;
         if self.fail {
             return Err(OpenError {
                 reply: REP_ERR_UNKNOWN,
                 message: "mkfs.fuzz failed with exit status 1: \u{e9}\u{e9}\u{e9}".repeat(2000),
+                refused: false,
             });
         }
         Ok(SIZE)
     }
     fn description(&self) -> String {
         "fuzz disk".into()
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        vec![(String::new(), self.description())]
     }
 }
 

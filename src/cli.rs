@@ -1,14 +1,19 @@
 //! The command line (clap, every option also readable from a `TMPDISK_*`
 //! environment variable so units can use `Environment=`/`EnvironmentFile=`)
 //! and its validation into a [`Config`]. Nothing here touches the system
-//! except the tmpdir check.
+//! except the tmpdir check and opening the base image (checked at start,
+//! once, so that a bad one fails here rather than at the first client).
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{ArgGroup, Parser};
+
+use crate::base::Base;
 
 /// NBD's registered port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -38,10 +43,17 @@ pub struct Args {
     #[arg(long = "size", value_name = "SIZE", value_parser = parse_size, conflicts_with = "size_arg")]
     pub size_opt: Option<u64>,
 
-    /// Filesystem to create: runs mkfs.TYPE (ext4, xfs, vfat, btrfs, ntfs, ...)
+    /// Filesystem to create: runs mkfs.TYPE (ext4, xfs, vfat, btrfs, ntfs, ...), or
+    /// swap (mkswap), or none (a blank disk) [default: ext4]
     #[arg(short = 't', long = "type", value_name = "TYPE", env = "TMPDISK_TYPE",
-          default_value = "ext4", value_parser = parse_fs_type)]
-    pub fs_type: String,
+          value_parser = parse_fs_type)]
+    pub fs_type: Option<String>,
+
+    /// Give every client a copy-on-write copy of this image (a raw image
+    /// file or a block device, never modified) instead of a new filesystem;
+    /// SIZE defaults to its size
+    #[arg(long, value_name = "IMAGE", env = "TMPDISK_BASE")]
+    pub base: Option<PathBuf>,
 
     /// Filesystem label (passed to mkfs with the right flag for the type)
     #[arg(short = 'L', long, value_name = "LABEL", env = "TMPDISK_LABEL")]
@@ -221,7 +233,10 @@ pub struct ListenerLimits {
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     pub size: u64,
+    /// mkfs, or a command (after the copy when there is a base).
     pub fs: FsSpec,
+    /// The golden image every client gets a copy of, opened at start.
+    pub base: Option<Arc<Base>>,
     pub tmpdir: PathBuf,
     pub min_free: MinFree,
     pub setup_timeout: Option<Duration>,
@@ -242,17 +257,51 @@ pub struct Config {
 impl Config {
     /// Validate what clap parsed. The error is one line for stderr.
     pub fn from_args(a: Args) -> Result<Config, String> {
-        let size = a
-            .size_arg
-            .or(a.size_opt)
-            .ok_or("the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)")?;
+        let mkfs_options: Vec<OsString> = a
+            .mkfs_options
+            .into_iter()
+            .filter(|o| !o.is_empty())
+            .collect();
+        let base = match &a.base {
+            Some(path) => {
+                if a.fs_type.is_some() || a.label.is_some() || !mkfs_options.is_empty() {
+                    return Err("--base gives every client a copy of an image: --type, --label \
+                                and --mkfs-option make a new filesystem and cannot go with it \
+                                (a --command can change each copy, e.g. tune2fs -U random \"$disk\")"
+                        .into());
+                }
+                Some(Arc::new(Base::open(path).map_err(|e| e.to_string())?))
+            }
+            None => None,
+        };
+        let size = match (a.size_arg.or(a.size_opt), &base) {
+            (Some(size), Some(b)) if size < b.size() => {
+                return Err(format!(
+                    "SIZE {} is smaller than the base image {} ({}): a copy cannot shrink it",
+                    human_size(size),
+                    b.path().display(),
+                    human_size(b.size())
+                ));
+            }
+            (Some(size), _) => size,
+            (None, Some(b)) => b.size(),
+            (None, None) => {
+                return Err(
+                    "the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)".into(),
+                );
+            }
+        };
+        let fs_type = match &base {
+            Some(_) => String::new(),
+            None => a.fs_type.unwrap_or_else(|| "ext4".into()),
+        };
         if let Some(label) = &a.label {
             if label.as_encoded_bytes().contains(&0) {
                 return Err("--label must not contain a NUL byte".into());
             }
             // mkfs would fail (or cut it short) at every client's GO.
             if a.command.is_none() {
-                crate::mkfs::check_label(&a.fs_type, label).map_err(|e| format!("--label: {e}"))?;
+                crate::mkfs::check_label(&fs_type, label).map_err(|e| format!("--label: {e}"))?;
             }
         }
         let tmpdir = a
@@ -294,15 +343,12 @@ impl Config {
             disk: DiskSpec {
                 size,
                 fs: FsSpec {
-                    fs_type: a.fs_type,
+                    fs_type,
                     label: a.label,
-                    mkfs_options: a
-                        .mkfs_options
-                        .into_iter()
-                        .filter(|o| !o.is_empty())
-                        .collect(),
+                    mkfs_options,
                     command: a.command,
                 },
+                base,
                 tmpdir,
                 min_free: a.min_free,
                 setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
@@ -392,8 +438,9 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 }
 
 /// A filesystem type names a program, `mkfs.TYPE`: keep it to a plain name
-/// so it can never become a path.
-fn parse_fs_type(s: &str) -> Result<String, String> {
+/// so it can never become a path. (`none` is a blank disk, `swap` runs
+/// mkswap.)
+pub(crate) fn parse_fs_type(s: &str) -> Result<String, String> {
     if s.is_empty()
         || s.len() > 32
         || !s

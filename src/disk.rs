@@ -1,21 +1,26 @@
 //! The client's disk: nothing until the client first asks for it (INFO,
 //! GO or EXPORT_NAME), then built once and kept, or the reason it could
 //! not be built, told to every later ask. Building checks the file size
-//! limit and free space (`--min-free`), creates the nameless image, runs
-//! mkfs or the command, and gives back space mkfs reserved but left
-//! reading as zeroes.
+//! limit and free space (`--min-free`), creates the nameless image, and
+//! either runs mkfs or the command on it (giving back space mkfs reserved
+//! but left reading as zeroes), or makes it the client's copy of the base
+//! image: a reflink clone where the tmpdir can share extents with the base,
+//! otherwise an overlay whose delta it is (or, for a command, which needs
+//! one file, a full copy).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
+use crate::base::Base;
 use crate::cli::{DiskSpec, human_size};
 use crate::image::Image;
 use crate::mkfs::{self, SetupError};
 use crate::nbd::negotiate::{Exports, OpenError};
 use crate::nbd::storage::Storage;
 use crate::nbd::wire::REP_ERR_UNKNOWN;
+use crate::overlay::Overlay;
 use crate::{status, sys};
 
 /// Space reserved beyond the data that is not worth a punch per hole after
@@ -35,6 +40,8 @@ pub enum BuildError {
     Setup(SetupError),
     /// The image could not be looked at after the command.
     Stat(std::io::Error),
+    /// The base image could not be copied.
+    Copy(String),
 }
 
 impl std::fmt::Display for BuildError {
@@ -46,16 +53,76 @@ impl std::fmt::Display for BuildError {
                 human_size(*size),
                 human_size(*limit)
             ),
-            BuildError::NoSpace(why) | BuildError::Create(why) => f.write_str(why),
+            BuildError::NoSpace(why) | BuildError::Create(why) | BuildError::Copy(why) => {
+                f.write_str(why)
+            }
             BuildError::Setup(e) => write!(f, "{e}"),
             BuildError::Stat(e) => write!(f, "cannot stat the disk after the command: {e}"),
         }
     }
 }
 
+/// What holds a client's disk once it is built.
+pub enum Served {
+    /// A nameless image: made by mkfs or a command, or a copy of the base
+    /// (a reflink clone, or a full copy for a command).
+    Image(Image, Copy),
+    /// The base plus the client's own blocks.
+    Overlay(Overlay),
+}
+
+/// How a copy of the base was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    /// Not a copy: mkfs or a command made it.
+    None,
+    /// FICLONE: the base's extents, shared.
+    Clone,
+    /// copy_file_range of the base's data (no clone possible, and a command
+    /// needed the copy as one file).
+    Full,
+}
+
+impl Served {
+    pub fn storage(&self) -> &dyn Storage {
+        match self {
+            Served::Image(i, _) => i,
+            Served::Overlay(o) => o,
+        }
+    }
+
+    /// Real disk space it takes in the tmpdir.
+    pub fn allocated(&self) -> u64 {
+        match self {
+            Served::Image(i, _) => i.allocated(),
+            Served::Overlay(o) => o.allocated(),
+        }
+    }
+
+    /// How the base was copied: "clone", "overlay" or "copy"; "" without
+    /// a base.
+    pub fn copy(&self) -> &'static str {
+        match self {
+            Served::Image(_, Copy::None) => "",
+            Served::Image(_, Copy::Clone) => "clone",
+            Served::Image(_, Copy::Full) => "copy",
+            Served::Overlay(_) => "overlay",
+        }
+    }
+
+    /// Bytes of the base the client replaced, where that is known (the
+    /// overlay keeps count).
+    pub fn changed(&self) -> Option<u64> {
+        match self {
+            Served::Overlay(o) => Some(o.owned_bytes()),
+            Served::Image(..) => None,
+        }
+    }
+}
+
 enum State {
     Empty,
-    Ready(Image),
+    Ready(Served),
     Failed(OpenError),
     /// The client left while its disk was being built.
     Abandoned,
@@ -81,9 +148,9 @@ impl<'a> Disk<'a> {
         }
     }
 
-    pub fn image(&self) -> Option<&Image> {
+    pub fn served(&self) -> Option<&Served> {
         match &self.state {
-            State::Ready(i) => Some(i),
+            State::Ready(s) => Some(s),
             _ => None,
         }
     }
@@ -98,20 +165,26 @@ impl<'a> Disk<'a> {
         matches!(self.state, State::Abandoned)
     }
 
-    /// How long mkfs (or the command) took.
+    /// How long mkfs, the command or the copy took.
     pub fn mkfs_ms(&self) -> u64 {
         self.mkfs_ms
     }
 
-    /// "ext4", "xfs"..., or "command".
+    /// "ext4", "xfs"..., "command", or "base".
     pub fn kind(&self) -> &str {
-        match self.spec.fs.command {
-            Some(_) => "command",
-            None => &self.spec.fs.fs_type,
+        match (&self.spec.base, &self.spec.fs.command) {
+            (Some(_), _) => "base",
+            (None, Some(_)) => "command",
+            (None, None) => &self.spec.fs.fs_type,
         }
     }
 
-    fn build(&mut self, pipelined: bool) -> Result<Image, BuildError> {
+    /// The base image's path, if there is one.
+    pub fn base(&self) -> Option<&std::path::Path> {
+        self.spec.base.as_deref().map(Base::path)
+    }
+
+    fn build(&mut self, pipelined: bool) -> Result<Served, BuildError> {
         let spec = self.spec;
         if let Some(limit) = sys::file_size_limit().filter(|&l| l < spec.size) {
             return Err(BuildError::FileSizeLimit {
@@ -128,9 +201,22 @@ impl<'a> Disk<'a> {
         })?;
         status::status(&format!("building {}", self.description()));
         let t = Instant::now();
-        let client = self.client.as_ref().map(|c| c.as_fd());
-        mkfs::run(&image, &spec.fs, spec.setup_timeout, client, pipelined)
-            .map_err(BuildError::Setup)?;
+        let copy = match &spec.base {
+            Some(base) => match copy_base(base, &mut image, spec)? {
+                Some(copy) => copy,
+                None => {
+                    self.mkfs_ms = t.elapsed().as_millis() as u64;
+                    debug!(anonymity = ?how, ms = self.mkfs_ms, "overlay on the base");
+                    return Ok(Served::Overlay(Overlay::new(base.clone(), image)));
+                }
+            },
+            None => Copy::None,
+        };
+        if copy == Copy::None || spec.fs.command.is_some() {
+            let client = self.client.as_ref().map(|c| c.as_fd());
+            mkfs::run(&image, &spec.fs, spec.setup_timeout, client, pipelined)
+                .map_err(BuildError::Setup)?;
+        }
         self.mkfs_ms = t.elapsed().as_millis() as u64;
         if spec.fs.command.is_some() {
             // The command may have resized the file: serve what it made.
@@ -139,8 +225,9 @@ impl<'a> Disk<'a> {
         // Space mkfs reserved but left reading as zeroes (xfs's log) would
         // otherwise stay allocated for the client's whole session. A user's
         // --command may preallocate on purpose (so that the client never
-        // meets ENOSPC): its image is left as it made it.
-        if spec.fs.command.is_none() {
+        // meets ENOSPC): its image is left as it made it; a copy of the
+        // base has nothing of the kind.
+        if spec.fs.command.is_none() && copy == Copy::None {
             let t0 = Instant::now();
             match image.release_holes(RELEASE_SLACK) {
                 Ok(freed) => debug!(
@@ -151,23 +238,71 @@ impl<'a> Disk<'a> {
                 Err(e) => warn!(error = %e, "cannot release the disk's unwritten space"),
             }
         }
-        debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, "disk built");
-        Ok(image)
+        debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, ?copy, "disk built");
+        Ok(Served::Image(image, copy))
     }
+}
+
+/// Make `image` the client's copy of `base`: a reflink clone where the
+/// tmpdir allows; else, if a command must run on the copy (it needs one
+/// file), a full copy of the base's data; else nothing (`None`: the caller
+/// serves an overlay, whose delta `image` is).
+fn copy_base(base: &Base, image: &mut Image, spec: &DiskSpec) -> Result<Option<Copy>, BuildError> {
+    let copied = |e: std::io::Error| {
+        BuildError::Copy(format!(
+            "cannot copy the base image {}: {e}",
+            base.path().display()
+        ))
+    };
+    match base.clone_into(image) {
+        Ok(()) => {
+            // The clone has the base's length; the disk may be larger.
+            image.set_size(spec.size).map_err(copied)?;
+            return Ok(Some(Copy::Clone));
+        }
+        Err(e) => debug!(error = %e, "no reflink clone of the base here"),
+    }
+    if spec.fs.command.is_none() {
+        return Ok(None);
+    }
+    // A full copy must fit: check before writing anything.
+    let need = base.data_bytes().map_err(copied)?;
+    let free = free_space(&spec.tmpdir).map_err(BuildError::NoSpace)?.0;
+    if need > free {
+        return Err(BuildError::NoSpace(format!(
+            "the base image {} holds {} of data and {} has {} free: no room for the copy \
+             a --command needs (a tmpdir with reflink, such as xfs, needs none)",
+            base.path().display(),
+            human_size(need),
+            spec.tmpdir.display(),
+            human_size(free)
+        )));
+    }
+    let t = Instant::now();
+    let bytes = base.copy_into(image).map_err(copied)?;
+    info!(
+        bytes,
+        ms = t.elapsed().as_millis() as u64,
+        "copied the base for --command (no reflink in the tmpdir)"
+    );
+    Ok(Some(Copy::Full))
+}
+
+/// (free, total) bytes of the filesystem holding `dir`.
+fn free_space(dir: &std::path::Path) -> Result<(u64, u64), String> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| format!("cannot check free space in {}: {e}", dir.display()))?;
+    let frsize = st.fragment_size() as u64;
+    Ok((
+        (st.blocks_available() as u64).saturating_mul(frsize),
+        (st.blocks() as u64).saturating_mul(frsize),
+    ))
 }
 
 /// Admission control: refuse a new client while the tmpdir is short of
 /// space (`--min-free`), before anything is created there.
 fn check_free_space(spec: &DiskSpec) -> Result<(), BuildError> {
-    let st = nix::sys::statvfs::statvfs(&spec.tmpdir).map_err(|e| {
-        BuildError::NoSpace(format!(
-            "cannot check free space in {}: {e}",
-            spec.tmpdir.display()
-        ))
-    })?;
-    let frsize = st.fragment_size() as u64;
-    let free = (st.blocks_available() as u64).saturating_mul(frsize);
-    let total = (st.blocks() as u64).saturating_mul(frsize);
+    let (free, total) = free_space(&spec.tmpdir).map_err(BuildError::NoSpace)?;
     let need = spec.min_free.bytes(total);
     if free < need {
         warn!(
@@ -188,7 +323,7 @@ fn check_free_space(spec: &DiskSpec) -> Result<(), BuildError> {
 }
 
 impl Exports for Disk<'_> {
-    fn open(&mut self, pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, pipelined: bool) -> Result<u64, OpenError> {
         if let State::Empty = self.state {
             status::committed();
             self.state = match self.build(pipelined) {
@@ -206,6 +341,7 @@ impl Exports for Disk<'_> {
                     State::Failed(OpenError {
                         reply: REP_ERR_UNKNOWN,
                         message,
+                        refused: false,
                     })
                 }
             };
@@ -213,18 +349,30 @@ impl Exports for Disk<'_> {
             self.client = None;
         }
         match &self.state {
-            State::Ready(image) => Ok(image.size()),
+            State::Ready(served) => Ok(served.storage().size()),
             State::Failed(e) => Err(e.clone()),
             State::Abandoned | State::Empty => Err(OpenError {
                 reply: REP_ERR_UNKNOWN,
                 message: SetupError::ClientLeft.to_string(),
+                refused: false,
             }),
         }
     }
 
+    fn list(&self) -> Vec<(String, String)> {
+        vec![(String::new(), self.description())]
+    }
+
     fn description(&self) -> String {
         let spec = self.spec;
-        let size = human_size(self.image().map_or(spec.size, Image::size));
+        let size = human_size(self.served().map_or(spec.size, |s| s.storage().size()));
+        if let Some(base) = &spec.base {
+            let name = base.path().file_name().map_or_else(
+                || base.path().display().to_string(),
+                |n| n.to_string_lossy().into(),
+            );
+            return format!("fresh {size} copy of {name} per connection");
+        }
         let label = match &spec.fs.label {
             Some(l) => format!(" labelled {:?}", l.to_string_lossy()),
             None => String::new(),

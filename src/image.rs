@@ -71,6 +71,14 @@ impl Image {
         self.file.metadata().map_or(0, |m| m.blocks() * 512)
     }
 
+    /// Make the file `size` bytes long again (a clone took the base's
+    /// length): what it grows by reads as zeroes, a hole.
+    pub fn set_size(&mut self, size: u64) -> io::Result<()> {
+        self.file.set_len(size)?;
+        self.size = size;
+        Ok(())
+    }
+
     /// Re-read the size after something else (the user's command) may have
     /// changed it.
     pub fn refresh_size(&mut self) -> io::Result<u64> {
@@ -78,24 +86,8 @@ impl Image {
         Ok(self.size)
     }
 
-    /// Fill `buf` from `offset`; a range past the end of the file reads as
-    /// zeroes (the one place that rule lives).
     fn read_zero_filled(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    // The file shrank under us (only the user's command
-                    // could do that): what is not there reads as zero.
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        read_zero_filled(&self.file, buf, offset)
     }
 
     /// Deallocate a range: it reads back as zeroes and frees disk space.
@@ -199,46 +191,95 @@ impl Image {
         .map_err(io::Error::from)
     }
 
-    /// The data/hole runs covering `[offset, offset+length)`, at most `max`
-    /// of them (the last one may then end early), appended to `out`.
-    /// Ranges past the end of the file are holes.
     fn runs(&self, offset: u64, length: u64, max: usize, out: &mut Vec<Extent>) -> io::Result<()> {
-        let end = offset.saturating_add(length);
-        let mut pos = offset;
-        while pos < end && max > 0 {
-            let (data, next) = match self.seek(pos, Whence::SeekData)? {
-                // Data starts here: it runs until the next hole.
-                Some(d) if d == pos => (true, self.seek(pos, Whence::SeekHole)?.unwrap_or(end)),
-                // A hole runs until the next data (or the end).
-                Some(d) => (false, d),
-                None => (false, end),
-            };
-            let stop = next.clamp(pos + 1, end);
-            let full = out.len() == max;
-            match out.last_mut() {
-                Some(last) if last.data == data && last.offset + last.length == pos => {
-                    last.length += stop - pos
-                }
-                _ if full => break,
-                _ => out.push(Extent {
-                    offset: pos,
-                    length: stop - pos,
-                    data,
-                }),
-            }
-            pos = stop;
-        }
-        Ok(())
+        data_runs(&self.file, offset, length, max, out)
     }
+}
 
-    /// lseek with SEEK_DATA/SEEK_HOLE; `None` where the kernel says there is
-    /// no more data (ENXIO) past `pos`.
-    fn seek(&self, pos: u64, whence: Whence) -> io::Result<Option<u64>> {
-        match lseek(&self.file, to_off(pos)?, whence) {
-            Ok(p) => Ok(Some(p as u64)),
-            Err(nix::errno::Errno::ENXIO) => Ok(None),
-            Err(e) => Err(e.into()),
+/// Fill `buf` from `offset` of `file`; a range past the end of the file
+/// reads as zeroes (the one place that rule lives: a disk larger than its
+/// base, a base or image that shrank under us).
+pub(crate) fn read_zero_filled(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// The data/hole runs of `file` covering `[offset, offset+length)`, at most
+/// `max` of them (the last one may then end early), appended to `out` and
+/// merged with its last run where they meet. Ranges past the end of the
+/// file are holes.
+pub(crate) fn data_runs(
+    file: &File,
+    offset: u64,
+    length: u64,
+    max: usize,
+    out: &mut Vec<Extent>,
+) -> io::Result<()> {
+    let end = offset.saturating_add(length);
+    let mut pos = offset;
+    while pos < end {
+        let (data, next) = match seek(file, pos, Whence::SeekData)? {
+            // Data starts here: it runs until the next hole.
+            Some(d) if d == pos => (true, seek(file, pos, Whence::SeekHole)?.unwrap_or(end)),
+            // A hole runs until the next data (or the end).
+            Some(d) => (false, d),
+            None => (false, end),
+        };
+        let stop = next.clamp(pos + 1, end);
+        if !push_extent(out, max, pos, stop - pos, data) {
+            break;
+        }
+        pos = stop;
+    }
+    Ok(())
+}
+
+/// Append a run to `out`, merged into the last one when it continues it
+/// with the same kind; false (nothing added) when `out` already holds
+/// `max` runs and this one cannot merge.
+pub(crate) fn push_extent(
+    out: &mut Vec<Extent>,
+    max: usize,
+    offset: u64,
+    length: u64,
+    data: bool,
+) -> bool {
+    let full = out.len() >= max;
+    match out.last_mut() {
+        Some(last) if last.data == data && last.offset + last.length == offset => {
+            last.length += length;
+            true
+        }
+        _ if full => false,
+        _ => {
+            out.push(Extent {
+                offset,
+                length,
+                data,
+            });
+            true
+        }
+    }
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; `None` where the kernel says there is
+/// no more data (ENXIO) past `pos`.
+fn seek(file: &File, pos: u64, whence: Whence) -> io::Result<Option<u64>> {
+    match lseek(file, to_off(pos)?, whence) {
+        Ok(p) => Ok(Some(p as u64)),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

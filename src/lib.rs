@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod activation;
+pub mod base;
 pub mod cli;
 pub mod conn;
 pub mod crash;
@@ -22,6 +23,7 @@ pub mod listener;
 pub mod logging;
 pub(crate) mod mkfs;
 pub mod nbd;
+pub(crate) mod overlay;
 pub(crate) mod sandbox;
 pub mod session;
 pub(crate) mod status;

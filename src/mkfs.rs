@@ -99,11 +99,17 @@ pub fn run(
             user_command(script, spec, image.size()),
             "command".to_string(),
         ),
+        // A blank disk: nothing to run.
+        None if spec.fs_type == BLANK => return Ok(()),
         None => {
             let program = find_mkfs(&spec.fs_type)?;
+            let name = program.file_name().map_or_else(
+                || program.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            );
             let mut cmd = Command::new(&program);
             cmd.args(mkfs_args(spec, OsStr::new(IMAGE_PATH)));
-            (cmd, format!("mkfs.{}", spec.fs_type))
+            (cmd, name)
         }
     };
     // What systemd handed us is ours alone.
@@ -235,6 +241,8 @@ pub fn mkfs_args(spec: &FsSpec, disk: &OsStr) -> Vec<OsString> {
         "exfat" => (&[], Some("-L")),
         "f2fs" => (&["-f", "-q"], Some("-l")),
         "minix" | "cramfs" | "bfs" => (&[], None),
+        // mkswap: -f, a file is fine.
+        SWAP => (&["-f"], Some("-L")),
         _ => (&[], Some("-L")),
     };
     let mut args: Vec<OsString> = defaults.iter().map(OsString::from).collect();
@@ -269,7 +277,7 @@ pub enum LabelLimit {
 /// client has asked for its disk: tmpdisk refuses such a label at start.
 pub fn label_limit(fs_type: &str) -> Option<LabelLimit> {
     Some(match fs_type {
-        "ext2" | "ext3" | "ext4" => LabelLimit::Bytes(16),
+        "ext2" | "ext3" | "ext4" | SWAP => LabelLimit::Bytes(16),
         "xfs" => LabelLimit::Bytes(12),
         "vfat" | "fat" | "msdos" => LabelLimit::Bytes(11),
         "btrfs" => LabelLimit::Bytes(255),
@@ -303,10 +311,20 @@ pub fn check_label(fs_type: &str, label: &OsStr) -> Result<(), String> {
     Ok(())
 }
 
-/// Find `mkfs.TYPE` on PATH or in the sbin directories (which a non-root
-/// PATH often lacks).
+/// The type of a blank disk: no mkfs, all zeroes (nbd-server's
+/// `temporary`).
+pub const BLANK: &str = "none";
+/// The type of a swap disk: mkswap instead of mkfs (what LTSP's nbdswapd
+/// served thin clients).
+pub const SWAP: &str = "swap";
+
+/// Find the program that makes `fs_type` (`mkfs.TYPE`, or mkswap) on PATH
+/// or in the sbin directories (which a non-root PATH often lacks).
 pub fn find_mkfs(fs_type: &str) -> Result<PathBuf, SetupError> {
-    let name = format!("mkfs.{fs_type}");
+    let name = match fs_type {
+        SWAP => "mkswap".to_string(),
+        t => format!("mkfs.{t}"),
+    };
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::env::split_paths(&path).chain(
         ["/usr/local/sbin", "/usr/sbin", "/sbin"]
@@ -340,7 +358,7 @@ fn package_for(fs_type: &str) -> String {
         "ntfs" => "ntfs-3g",
         "exfat" => "exfatprogs",
         "f2fs" => "f2fs-tools",
-        "minix" | "cramfs" | "bfs" => "util-linux",
+        "minix" | "cramfs" | "bfs" | SWAP => "util-linux",
         "jfs" => "jfsutils",
         "nilfs2" => "nilfs-tools",
         "reiserfs" => "reiserfsprogs",

@@ -12,7 +12,6 @@ use tracing::{debug, error, info, warn};
 use crate::cli::Config;
 use crate::conn::{Conn, Transport};
 use crate::disk::Disk;
-use crate::image::Image;
 use crate::nbd::error::Hangup;
 use crate::nbd::negotiate::{self, Exports, Negotiated, NegotiationEnd, Tls};
 use crate::nbd::stream::Stream;
@@ -152,7 +151,7 @@ impl Client<'_> {
         disk: &Disk,
         tls: TlsIdentity,
     ) -> Result<SessionEnd, Hangup> {
-        let Some(image) = disk.image() else {
+        let Some(served) = disk.served() else {
             // negotiate only returns Go after `open` succeeded.
             return Err(Hangup::Server("export chosen but no disk was built".into()));
         };
@@ -165,8 +164,10 @@ impl Client<'_> {
             export = %n.export_name,
             size = n.size,
             fs_type = %disk.kind(),
+            base = disk.base().map(|p| p.display().to_string()),
+            copy = disk.base().map(|_| served.copy()),
             mkfs_ms = disk.mkfs_ms(),
-            allocated = image.allocated(),
+            allocated = served.allocated(),
             structured = n.replies.structured(),
             tls = tls.active(),
             tls_subject = tls.subject(),
@@ -178,7 +179,7 @@ impl Client<'_> {
         }
 
         let mut stats = Stats::default();
-        let end = transmit::serve(&mut s, image as &Image, n, &mut stats);
+        let end = transmit::serve(&mut s, served.storage(), n, &mut stats);
         let seconds = self.started.elapsed().as_secs_f64();
         let how = match &end {
             Ok(TransmissionEnd::Disconnect) => "disconnect".to_string(),
@@ -191,6 +192,7 @@ impl Client<'_> {
             bytes_written = stats.bytes_written,
             requests = stats.requests,
             disk_errors = stats.disk_errors,
+            changed = served.changed(),
             seconds = format!("{seconds:.3}"),
             end = %how,
             "client left"

@@ -335,7 +335,7 @@ impl Channel for Copying {}
 struct OneDisk(Option<Image>);
 
 impl Exports for OneDisk {
-    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
         if self.0.is_none() {
             self.0 = Some(Image::create(&std::env::temp_dir(), DISK).unwrap().0);
         }
@@ -343,6 +343,9 @@ impl Exports for OneDisk {
     }
     fn description(&self) -> String {
         "property test disk".into()
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        vec![(String::new(), self.description())]
     }
 }
 

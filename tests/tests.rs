@@ -13,6 +13,7 @@ mod errors;
 mod export_info;
 mod faults;
 mod filesystems;
+mod golden;
 mod heavy;
 mod io;
 mod lifecycle;

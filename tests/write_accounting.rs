@@ -469,7 +469,9 @@ fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
                 .as_nanos() as u64
         });
     eprintln!("model seed {seed:#x} (rerun with TMPDISK_MODEL_SEED={seed:x})");
-    let dir = TestDir::new("acct-model");
+    // Declared first so it is dropped last, after the server and the
+    // tmpfs mounted inside it (a busy mount point cannot be removed).
+    let dir = std::sync::Arc::new(TestDir::new("acct-model"));
     // Three 8 MiB disks on 12 MiB: they cannot all fit.
     let mnt = Mount::tmpfs(&dir.join("mnt"), 12);
     let _server = Server::start_in(
@@ -479,7 +481,6 @@ fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
         &["--min-free", "0", "--command", "true", "8M"],
         &[],
     );
-    let dir = std::sync::Arc::new(dir);
     let clients: Vec<_> = [Framing::Simple, Framing::Structured, Framing::Extended]
         .into_iter()
         .enumerate()

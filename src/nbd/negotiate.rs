@@ -29,18 +29,25 @@ pub struct OpenError {
     /// An `NBD_REP_ERR_*` value.
     pub reply: u32,
     pub message: String,
+    /// The client asked for something it may not have (an unknown export,
+    /// a size over the limit), as opposed to the server failing to build
+    /// what it may.
+    pub refused: bool,
 }
 
 /// What negotiation needs from whatever serves the export.
 pub trait Exports {
-    /// Build the disk the first time this is called and return its size;
-    /// later calls return the same disk (INFO then GO must not build twice).
-    /// `pipelined`: the client has already sent more than this option, so
-    /// an end of its input during the build is not a goodbye (it may have
-    /// half-closed and still want the replies).
-    fn open(&mut self, pipelined: bool) -> Result<u64, OpenError>;
-    /// A human-readable description (LIST, NBD_INFO_DESCRIPTION).
+    /// Build the disk the export name `name` asks for and return its size;
+    /// a later call for the same name returns the same disk (INFO then GO
+    /// must not build twice), another name replaces it. `pipelined`: the
+    /// client has already sent more than this option, so an end of its
+    /// input during the build is not a goodbye (it may have half-closed
+    /// and still want the replies).
+    fn open(&mut self, name: &str, pipelined: bool) -> Result<u64, OpenError>;
+    /// What the disk `open` last returned is, for NBD_INFO_DESCRIPTION.
     fn description(&self) -> String;
+    /// Every export as (name, description), for NBD_OPT_LIST.
+    fn list(&self) -> Vec<(String, String)>;
 }
 
 /// How replies are framed in the transmission phase.
@@ -234,9 +241,10 @@ fn haggle<C: Channel, E: Exports>(
                 // EXPORT_NAME has no way to report an error: hang up.
                 let name = export_name(&data).map_err(|why| Hangup::Protocol(why.into()))?;
                 let pipelined = o.s.has_pending_input();
-                let size = exports
-                    .open(pipelined)
-                    .map_err(|e| Hangup::Server(e.message))?;
+                let size = exports.open(name, pipelined).map_err(|e| match e.refused {
+                    true => Hangup::Protocol(format!("NBD_OPT_EXPORT_NAME refused: {}", e.message)),
+                    false => Hangup::Server(e.message),
+                })?;
                 let n = agreed(&st, name, size);
                 let mut reply = Vec::with_capacity(134);
                 reply.u64(size).u16(n.flags);
@@ -256,11 +264,13 @@ fn haggle<C: Channel, E: Exports>(
                     o.error(REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                     continue;
                 }
-                let desc = exports.description();
-                let mut p = Vec::with_capacity(4 + desc.len());
-                // The name, "", then the description.
-                p.u32(0).put(desc.as_bytes());
-                o.reply(REP_SERVER, &p)?;
+                for (name, desc) in exports.list() {
+                    let mut p = Vec::with_capacity(4 + name.len() + desc.len());
+                    // Descriptions are strings too: at most 4096 bytes.
+                    let desc = &desc.as_bytes()[..desc.len().min(MAX_STRING)];
+                    p.u32(name.len() as u32).put(name.as_bytes()).put(desc);
+                    o.reply(REP_SERVER, &p)?;
+                }
                 o.ack()?;
             }
             OPT_STARTTLS => {
@@ -294,7 +304,7 @@ fn haggle<C: Channel, E: Exports>(
                     }
                 };
                 let pipelined = o.s.has_pending_input();
-                let size = match exports.open(pipelined) {
+                let size = match exports.open(name, pipelined) {
                     Ok(size) => size,
                     Err(e) => {
                         o.error(e.reply, &e.message)?;

@@ -189,11 +189,12 @@ impl TestExports {
 }
 
 impl Exports for TestExports {
-    fn open(&mut self, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
         if let Some(m) = &self.fail {
             return Err(OpenError {
                 reply: REP_ERR_UNKNOWN,
                 message: m.clone(),
+                refused: false,
             });
         }
         if self.disk.is_none() {
@@ -207,6 +208,9 @@ impl Exports for TestExports {
     }
     fn description(&self) -> String {
         "test disk".into()
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        vec![(String::new(), self.description())]
     }
 }
 

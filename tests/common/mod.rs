@@ -10,6 +10,7 @@
 //! - missing tools make the test fail with the Debian package to install,
 //!   never skip.
 pub mod json;
+pub mod kernel_mount;
 pub mod nbdraw;
 pub mod pki;
 
@@ -1005,6 +1006,27 @@ impl Mount {
             cmd(
                 "bindfs",
                 &[source.to_str().unwrap(), path.to_str().unwrap()],
+            ),
+        );
+        Mount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// The filesystem in the image file `image`, through a loop device
+    /// (which umount detaches).
+    pub fn loop_device(image: &Path, path: &Path) -> Mount {
+        fs::create_dir_all(path).unwrap();
+        run_ok(
+            "mount -o loop",
+            cmd(
+                "mount",
+                &[
+                    "-o",
+                    "loop",
+                    image.to_str().unwrap(),
+                    path.to_str().unwrap(),
+                ],
             ),
         );
         Mount {

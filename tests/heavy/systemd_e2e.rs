@@ -202,6 +202,7 @@ fn end_to_end(format: Format) {
     }
     check_journal(&ct, 3);
     check_cgroup_ends_what_setup_left(&ct, port);
+    check_golden_image(&ct, &uri);
 
     // The Unix socket of the drop-in serves the same way (seen from the
     // host through the container's root).
@@ -701,6 +702,57 @@ fn check_cgroup_ends_what_setup_left(ct: &Container, port: u16) {
         || ct.instances().is_empty().then_some(()),
     );
     drop(client);
+    fs::write(&conf, saved).unwrap();
+}
+
+/// A golden image where the README says to put one: two clients at once
+/// each get their own copy of it, and it never changes.
+fn check_golden_image(ct: &Container, uri: &str) {
+    const UUID: &str = "2f1d0e4c-9a7b-4c3d-8e5f-60718293a4b5";
+    let dir = ct.host_path("var/lib/tmpdisk");
+    fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("base.img");
+    fs::File::create(&base).unwrap().set_len(128 << 20).unwrap();
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F", "-U", UUID]).arg(&base);
+    let made = run_within("mkfs.ext4", mkfs, Duration::from_secs(60));
+    assert!(made.status.success(), "{made}");
+    let sha = |p: &Path| {
+        let mut c = Command::new("sha256sum");
+        c.arg(p);
+        run_within("sha256sum", c, Duration::from_secs(60)).stdout
+    };
+    let before = sha(&base);
+    let conf = ct.host_path("etc/tmpdisk/tmpdisk.conf");
+    let saved = fs::read_to_string(&conf).unwrap();
+    fs::write(
+        &conf,
+        format!("{saved}TMPDISK_BASE=/var/lib/tmpdisk/base.img\n"),
+    )
+    .unwrap();
+    let mut a = Client::connect(uri, "copy A");
+    let mut b = Client::connect(uri, "copy B");
+    for c in [&a, &b] {
+        assert_eq!(c.magic, 0xef53, "{}: the image's ext4", c.name);
+        assert_eq!(
+            c.uuid,
+            UUID.replace('-', ""),
+            "{}: the image's UUID",
+            c.name
+        );
+    }
+    assert_eq!(a.request("check"), "marker=copy A");
+    assert_eq!(b.request("check"), "marker=copy B");
+    assert_eq!(a.request("bye"), "bye");
+    assert_eq!(b.request("bye"), "bye");
+    a.wait_exit();
+    b.wait_exit();
+    assert_eq!(sha(&base), before, "the golden image changed");
+    wait_until(
+        "the copies' instances to be gone",
+        Duration::from_secs(30),
+        || ct.instances().is_empty().then_some(()),
+    );
     fs::write(&conf, saved).unwrap();
 }
 

@@ -1,0 +1,223 @@
+//! The golden image (`--base`): a prepared disk every client gets a fresh
+//! copy-on-write copy of. It is opened once, read-only, when tmpdisk
+//! starts, and checked there (it exists, it is a regular file or a block
+//! device, it is not empty); every client process uses that one open file,
+//! so replacing the path later (a new image renamed into place) changes
+//! nothing for clients already running, and the next process sees the new
+//! one. Nothing here ever writes to it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::image::{self, Image};
+use crate::nbd::storage::Extent;
+use crate::sys;
+
+/// Why the base image cannot be used; the text is one line for stderr.
+#[derive(Debug)]
+pub enum BaseError {
+    Open {
+        path: PathBuf,
+        error: io::Error,
+    },
+    Directory(PathBuf),
+    /// Neither a regular file nor a block device (a FIFO, a socket...).
+    Kind(PathBuf),
+    Empty(PathBuf),
+    Size {
+        path: PathBuf,
+        error: io::Error,
+    },
+}
+
+impl std::fmt::Display for BaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BaseError::Open { path, error } | BaseError::Size { path, error } => {
+                write!(f, "base image {}: {error}", path.display())
+            }
+            BaseError::Directory(p) => {
+                write!(
+                    f,
+                    "base image {}: is a directory, not an image",
+                    p.display()
+                )
+            }
+            BaseError::Kind(p) => write!(
+                f,
+                "base image {}: neither a regular file nor a block device",
+                p.display()
+            ),
+            BaseError::Empty(p) => write!(f, "base image {}: is empty", p.display()),
+        }
+    }
+}
+
+/// The open base image.
+#[derive(Debug)]
+pub struct Base {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// A block device: no holes to ask about, all of it reads as data.
+    device: bool,
+}
+
+impl Base {
+    /// Open and check `path`, read-only.
+    pub fn open(path: &Path) -> Result<Base, BaseError> {
+        let bad = |error| BaseError::Open {
+            path: path.to_path_buf(),
+            error,
+        };
+        // std opens with O_CLOEXEC; read-only, so nothing can write through
+        // it by mistake; O_NONBLOCK, so that a FIFO cannot hold the start
+        // (it makes no difference to a file or a block device).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(bad)?;
+        let kind = file.metadata().map_err(bad)?.file_type();
+        if kind.is_dir() {
+            return Err(BaseError::Directory(path.to_path_buf()));
+        }
+        let device = kind.is_block_device();
+        if !kind.is_file() && !device {
+            return Err(BaseError::Kind(path.to_path_buf()));
+        }
+        // A block device's size is where SEEK_END takes us; a file's too.
+        let size = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekEnd)
+            .map(|end| end as u64)
+            .map_err(|e| BaseError::Size {
+                path: path.to_path_buf(),
+                error: e.into(),
+            })?;
+        if size == 0 {
+            return Err(BaseError::Empty(path.to_path_buf()));
+        }
+        Ok(Base {
+            file,
+            path: path.to_path_buf(),
+            size,
+            device,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fill `buf` from `offset`; past the end of the base, zeroes (a disk
+    /// larger than its base reads as zeroes there).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        image::read_zero_filled(&self.file, buf, offset)
+    }
+
+    /// The data/hole runs of the base over `[offset, offset+length)` (see
+    /// `Storage::extents`); past its end, a hole.
+    pub fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> io::Result<()> {
+        let end = offset.saturating_add(length);
+        let inside = end.min(self.size).saturating_sub(offset);
+        if inside > 0 {
+            if self.device {
+                image::push_extent(out, max, offset, inside, true);
+            } else {
+                image::data_runs(&self.file, offset, inside, max, out)?;
+            }
+        }
+        if offset + inside < end {
+            image::push_extent(out, max, offset + inside, end - offset - inside, false);
+        }
+        Ok(())
+    }
+
+    /// Make `image` a copy of the base by sharing its extents (reflink:
+    /// FICLONE, on xfs with reflink=1, btrfs, bcachefs): no data is copied
+    /// and no space taken. Fails (EXDEV, EOPNOTSUPP, EINVAL) where the
+    /// tmpdir cannot share extents with the base.
+    pub fn clone_into(&self, image: &Image) -> io::Result<()> {
+        if self.device {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        sys::clone_file(image.as_fd(), self.file.as_fd())
+    }
+
+    /// Bytes of the base that hold data (what a full copy writes).
+    pub fn data_bytes(&self) -> io::Result<u64> {
+        let mut runs = Vec::new();
+        let mut total = 0;
+        let mut pos = 0;
+        while pos < self.size {
+            runs.clear();
+            self.extents(pos, self.size - pos, 64, &mut runs)?;
+            let Some(last) = runs.last() else { break };
+            pos = last.offset + last.length;
+            total += runs
+                .iter()
+                .filter(|r| r.data)
+                .map(|r| r.length)
+                .sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// Copy the base's data into `image`, leaving its holes holes: the
+    /// fallback for a `--command` where no clone is possible (the command
+    /// needs the client's copy as one file). copy_file_range stays inside
+    /// the kernel.
+    pub fn copy_into(&self, image: &Image) -> io::Result<u64> {
+        let mut runs = Vec::new();
+        let mut copied = 0;
+        let mut pos = 0;
+        while pos < self.size {
+            runs.clear();
+            self.extents(pos, self.size - pos, 64, &mut runs)?;
+            let Some(last) = runs.last() else { break };
+            pos = last.offset + last.length;
+            for r in runs.iter().filter(|r| r.data) {
+                copy_range(&self.file, image, r.offset, r.length)?;
+                copied += r.length;
+            }
+        }
+        Ok(copied)
+    }
+}
+
+/// copy_file_range(2) of `[offset, offset+length)` from `src` to the same
+/// place in `dst`, until all of it is there.
+fn copy_range(src: &File, dst: &Image, offset: u64, length: u64) -> io::Result<()> {
+    let to_off =
+        |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (mut from, mut to) = (to_off(offset)?, to_off(offset)?);
+    let mut left = length;
+    while left > 0 {
+        let want = left.min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n as u64,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+impl AsFd for Base {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}

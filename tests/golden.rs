@@ -1,0 +1,491 @@
+//! Golden images (`--base`): every client a copy-on-write copy of a
+//! prepared disk, on both paths: a reflink clone where the tmpdir shares
+//! extents with the image (an xfs on a loop device here), an overlay
+//! elsewhere (the tests' ext4 /tmp). A real kernel mounts the copies
+//! (qemu-storage-daemon's FUSE export and a loop device): the image's files
+//! are there, a client changes and deletes some, fsck is clean, another
+//! client sees the original, and the image's checksum never changes.
+//! Bad images fail at start.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::common::kernel_mount::KernelMount;
+use crate::common::*;
+
+/// The files every image holds: name → contents.
+fn files() -> BTreeMap<&'static str, Vec<u8>> {
+    let mut f = BTreeMap::new();
+    f.insert("hello.txt", b"hello from the golden image\n".to_vec());
+    f.insert(
+        "keep.txt",
+        b"a client deletes me; the image keeps me\n".to_vec(),
+    );
+    f.insert(
+        "big.bin",
+        (0..3 * MIB as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
+    );
+    f
+}
+
+/// An image of `fs` ("ext4" or "xfs") of `size`, holding [`files`], at
+/// `dir/name`.
+fn image(dir: &TestDir, name: &str, fs_type: &str, size: &str) -> PathBuf {
+    require(&["mkfs.ext4", "mkfs.xfs", "losetup"]);
+    let src = dir.subdir(&format!("{name}-src"));
+    for (n, data) in files() {
+        fs::write(src.join(n), data).unwrap();
+    }
+    let img = dir.join(name);
+    run_ok(
+        "truncate",
+        cmd("truncate", &["-s", size, img.to_str().unwrap()]),
+    );
+    if fs_type == "ext4" {
+        // mke2fs fills the filesystem from a directory itself.
+        run_ok(
+            "mkfs.ext4",
+            cmd(
+                "mkfs.ext4",
+                &[
+                    "-q",
+                    "-F",
+                    "-d",
+                    src.to_str().unwrap(),
+                    img.to_str().unwrap(),
+                ],
+            ),
+        );
+        return img;
+    }
+    require_root("it mounts the new xfs image to fill it");
+    run_ok(
+        "mkfs.xfs",
+        cmd("mkfs.xfs", &["-q", "-f", img.to_str().unwrap()]),
+    );
+    let mnt = dir.subdir(&format!("{name}-fill"));
+    run_ok(
+        "mount",
+        cmd(
+            "mount",
+            &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+        ),
+    );
+    for (n, data) in files() {
+        fs::write(mnt.join(n), data).unwrap();
+    }
+    run_ok("umount", cmd("umount", &[mnt.to_str().unwrap()]));
+    img
+}
+
+/// A copy that keeps the image's holes.
+fn sparse_copy(from: &Path, to: &Path) {
+    run_ok(
+        "cp --sparse=always",
+        cmd(
+            "cp",
+            &[
+                "--sparse=always",
+                from.to_str().unwrap(),
+                to.to_str().unwrap(),
+            ],
+        ),
+    );
+}
+
+fn sha256(path: &Path) -> String {
+    run_ok("sha256sum", cmd("sha256sum", &[path.to_str().unwrap()]))
+        .stdout
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A kernel mount of a new client's copy, checked to hold the image's
+/// files as they are.
+fn mount_copy(dir: &TestDir, name: &str, socket: &Path) -> KernelMount {
+    let m = KernelMount::new(dir, name, socket);
+    for (n, data) in files() {
+        let got = fs::read(m.path().join(n)).unwrap_or_else(|e| panic!("{name}: {n}: {e}"));
+        assert!(got == data, "{name}: {n} differs from the image's");
+    }
+    assert!(!m.path().join("new.txt").exists(), "{name}: a fresh copy");
+    m
+}
+
+/// Change the copy mounted at `m` (a new file, one changed, one deleted),
+/// unmount it and check its filesystem.
+fn scribble_and_fsck(mut m: KernelMount, fs_type: &str) {
+    fs::write(m.path().join("new.txt"), b"written by a client\n").unwrap();
+    fs::write(m.path().join("hello.txt"), b"changed by a client\n").unwrap();
+    fs::remove_file(m.path().join("keep.txt")).unwrap();
+    let big: Vec<u8> = (0..5 * MIB as u32).map(|i| (i % 253) as u8).collect();
+    fs::write(m.path().join("big2.bin"), &big).unwrap();
+    run_ok("sync", cmd("sync", &[] as &[&str]));
+    m.unmount();
+    let fsck = match fs_type {
+        "ext4" => cmd("e2fsck", &["-fn", m.device()]),
+        _ => cmd("xfs_repair", &["-n", m.device()]),
+    };
+    run_ok("fsck of a client's changed copy", fsck);
+}
+
+/// One image served to two clients at once, mounted by the kernel: each
+/// sees the image; the first changes its copy, the second still sees the
+/// original; fsck is clean; the image never changes; nothing is left.
+fn two_clients_on(dir: &TestDir, images: &Path, base: &Path, fs_type: &str, copy: &str) {
+    let before = sha256(base);
+    let mut server = Server::start_in(
+        dir,
+        Mode::Unix,
+        images,
+        &["--base", base.to_str().unwrap()],
+        &[],
+    );
+    let socket = dir.join("nbd.sock");
+    let a = mount_copy(dir, "a", &socket);
+    server
+        .proc
+        .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+    scribble_and_fsck(a, fs_type);
+    let b = mount_copy(dir, "b", &socket);
+    drop(b);
+    assert_eq!(sha256(base), before, "the base image changed");
+    wait_no_image_holders(images, "after both clients left");
+    assert_dir_empty(images, "after both clients left");
+    let log = server.proc.stderr();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn overlay_copies_of_ext4_and_xfs_images() {
+    require_root("it mounts the copies");
+    for fs_type in ["ext4", "xfs"] {
+        let dir = TestDir::new(&format!("golden-overlay-{fs_type}"));
+        let base = image(&dir, "base.img", fs_type, "512M");
+        // /tmp here is ext4: no reflink, so an overlay.
+        let images = dir.subdir("images");
+        two_clients_on(&dir, &images, &base, fs_type, "overlay");
+    }
+}
+
+/// An xfs (reflink=1, mkfs.xfs's default) on a loop device, as the tmpdir.
+struct ReflinkFs {
+    _mount: Mount,
+}
+
+fn reflink_tmpdir(dir: &TestDir) -> (ReflinkFs, PathBuf) {
+    require_root("it mounts an xfs on a loop device");
+    let img = dir.join("xfs.img");
+    run_ok(
+        "truncate",
+        cmd("truncate", &["-s", "3G", img.to_str().unwrap()]),
+    );
+    run_ok(
+        "mkfs.xfs",
+        cmd(
+            "mkfs.xfs",
+            &["-q", "-f", "-m", "reflink=1", img.to_str().unwrap()],
+        ),
+    );
+    let path = dir.subdir("xfs");
+    let mount = Mount::loop_device(&img, &path);
+    let images = path.join("images");
+    fs::create_dir_all(&images).unwrap();
+    (ReflinkFs { _mount: mount }, images)
+}
+
+#[test]
+fn clone_copies_on_a_reflink_tmpdir_take_no_space() {
+    let dir = TestDir::new("golden-clone");
+    let (xfs, images) = reflink_tmpdir(&dir);
+    // The image lives on the same filesystem, as a clone needs.
+    let base = image(&dir, "base.img", "ext4", "512M");
+    let shared = images.parent().unwrap().join("base.img");
+    sparse_copy(&base, &shared);
+    two_clients_on(&dir, &images, &shared, "ext4", "clone");
+
+    // A fresh copy costs no space: its extents are the image's. (Its
+    // st_blocks count them all, shared or not: the filesystem's free space
+    // is what tells.)
+    let server = Server::start_in(
+        &dir,
+        Mode::Unix,
+        &images,
+        &["--base", shared.to_str().unwrap()],
+        &[],
+    );
+    let xfs_path = images.parent().unwrap().to_path_buf();
+    let before = free_bytes(&xfs_path);
+    let held = HeldClient::start("h = connect(sys.argv[1])", "h.shutdown()", &[server.uri()]);
+    wait_image_holders(&images, 1, "one client");
+    let taken = before.saturating_sub(free_bytes(&xfs_path));
+    held.finish();
+    assert!(
+        taken <= MIB,
+        "a fresh clone of a 512 MiB image took {taken} bytes of the tmpdir"
+    );
+    drop(xfs);
+}
+
+/// Free bytes of the filesystem at `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let out = run_ok(
+        "stat -f",
+        cmd("stat", &["-f", "-c", "%f %S", path.to_str().unwrap()]),
+    );
+    let v: Vec<u64> = out
+        .stdout
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    v[0] * v[1]
+}
+
+/// `--command` runs on each client's copy: `tune2fs -U random` gives every
+/// client a filesystem UUID of its own, on the clone path and on the full
+/// copy a command needs where there is no reflink.
+#[test]
+fn a_command_changes_each_copy_and_never_the_image() {
+    require(&["tune2fs", "blkid", "nbdcopy"]);
+    let dir = TestDir::new("golden-command");
+    let base = image(&dir, "base.img", "ext4", "64M");
+    let original = blkid_tag(&base, "UUID");
+    let (xfs, reflink_images) = reflink_tmpdir(&dir);
+    let shared = reflink_images.parent().unwrap().join("base.img");
+    sparse_copy(&base, &shared);
+    for (images, base, copy) in [
+        (dir.subdir("images"), base.clone(), "copy"),
+        (reflink_images.clone(), shared.clone(), "clone"),
+    ] {
+        let before = sha256(&base);
+        let mut server = Server::start_in(
+            &dir,
+            Mode::Unix,
+            &images,
+            &[
+                "--base",
+                base.to_str().unwrap(),
+                "--command",
+                r#"tune2fs -U random "$disk""#,
+            ],
+            &[],
+        );
+        let mut uuids = Vec::new();
+        for i in 0..2 {
+            let out = dir.join(&format!("copy-{copy}-{i}.img"));
+            copy_out(server.uri(), &out);
+            uuids.push(blkid_tag(&out, "UUID"));
+            fs::remove_file(&out).unwrap();
+        }
+        server
+            .proc
+            .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+        assert!(
+            uuids[0] != uuids[1] && !uuids.contains(&original),
+            "{copy}: each copy needs a UUID of its own: {uuids:?}, image {original}"
+        );
+        assert_eq!(sha256(&base), before, "{copy}: the image changed");
+        wait_no_image_holders(&images, "after the clients left");
+        assert_dir_empty(&images, "after the clients left");
+    }
+    drop(xfs);
+}
+
+/// kill -9 of the serving process while its client writes as fast as it
+/// can: nothing is left in the tmpdir, and the image is intact.
+#[test]
+fn sigkill_during_heavy_writes_leaves_nothing_and_the_image_intact() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("golden-kill");
+    let base = image(&dir, "base.img", "ext4", "128M");
+    let (xfs, reflink_images) = reflink_tmpdir(&dir);
+    let shared = reflink_images.parent().unwrap().join("base.img");
+    sparse_copy(&base, &shared);
+    for (images, base) in [
+        (dir.subdir("images"), base.clone()),
+        (reflink_images, shared),
+    ] {
+        let before = sha256(&base);
+        let server = Server::start_in(
+            &dir,
+            Mode::Unix,
+            &images,
+            &["--base", base.to_str().unwrap()],
+            &[],
+        );
+        let writer = HeldClient::start(
+            r#"
+import random, threading
+h = connect(sys.argv[1])
+size = h.get_size()
+def scribble():
+    try:
+        while True:
+            n = random.choice([4096, 65536, 1 << 20]) + random.randrange(512)
+            h.pwrite(os.urandom(16) * (n // 16), random.randrange(size - n))
+    except nbd.Error:
+        pass
+threading.Thread(target=scribble, daemon=True).start()
+"#,
+            "",
+            &[server.uri()],
+        );
+        let pid = wait_image_holders(&images, 1, "the writing client")[0];
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: kill(2) on the serving process of our own server.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        wait_no_image_holders(&images, "after kill -9 of the serving process");
+        assert_dir_empty(&images, "after kill -9 of the serving process");
+        assert_eq!(sha256(&base), before, "the image changed");
+        drop(writer);
+    }
+    drop(xfs);
+}
+
+/// A disk larger than its image reads as zeroes (and holes) past the
+/// image's end, and an image may be a block device (a read-only loop
+/// device here), whose copies are overlays.
+#[test]
+fn a_larger_disk_over_a_block_device_image() {
+    require_root("it makes a loop device");
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("golden-device");
+    let base = image(&dir, "base.img", "ext4", "64M");
+    let dev = LoopDevice::read_only(&base);
+    let server = Server::unix(&dir, &["--base", dev.path(), "96M"]);
+    let script = r#"
+h = connect(sys.argv[1])
+M = 1 << 20
+check(h.get_size() == 96 * M, "size %d" % h.get_size())
+check(h.pread(M, 64 * M) == bytes(M), "past the image: zeroes")
+check(flags_over(h, 64 * M, 32 * M) == {3}, "past the image: a hole")
+sb = h.pread(4096, 0)
+check(sb[1024 + 56:1024 + 58] == b"\x53\xef", "the image's ext4 superblock")
+h.pwrite(b"x" * 4096, 70 * M)
+check(h.pread(4096, 70 * M) == b"x" * 4096, "written past the image")
+h.shutdown()
+print("ok")
+"#;
+    let out = run_ok("python", python(script, &[server.uri()]));
+    assert!(out.stdout.contains("ok"), "{out}");
+    let mut server = server;
+    server
+        .proc
+        .wait_stderr("copy=\"overlay\"", Duration::from_secs(10));
+}
+
+/// A read-only loop device for a file, detached on drop.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn read_only(file: &Path) -> LoopDevice {
+        let out = run_ok(
+            "losetup",
+            cmd("losetup", &["-r", "-f", "--show", file.to_str().unwrap()]),
+        );
+        LoopDevice(out.stdout.trim().to_string())
+    }
+    fn path(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = cmd("losetup", &["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn bad_images_fail_at_start_with_one_line() {
+    let dir = TestDir::new("golden-bad");
+    let images = dir.subdir("images");
+    let empty = dir.join("empty.img");
+    fs::write(&empty, b"").unwrap();
+    let good = dir.join("good.img");
+    fs::write(&good, vec![7u8; 2 * MIB as usize]).unwrap();
+    let fifo = dir.join("fifo");
+    run_ok("mkfifo", cmd("mkfifo", &[fifo.to_str().unwrap()]));
+    let missing = dir.join("missing.img");
+    let d = dir.subdir("a-directory");
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "missing",
+            vec!["--base".into(), missing.display().to_string()],
+            "No such file",
+        ),
+        (
+            "a directory",
+            vec!["--base".into(), d.display().to_string()],
+            "is a directory",
+        ),
+        (
+            "empty",
+            vec!["--base".into(), empty.display().to_string()],
+            "is empty",
+        ),
+        (
+            "a FIFO",
+            vec!["--base".into(), fifo.display().to_string()],
+            "neither a regular file",
+        ),
+        (
+            "smaller SIZE",
+            vec!["--base".into(), good.display().to_string(), "1M".into()],
+            "smaller than the base image",
+        ),
+        (
+            "with --type",
+            vec![
+                "--base".into(),
+                good.display().to_string(),
+                "-t".into(),
+                "xfs".into(),
+            ],
+            "cannot go with it",
+        ),
+        (
+            "with --label",
+            vec![
+                "--base".into(),
+                good.display().to_string(),
+                "-L".into(),
+                "x".into(),
+            ],
+            "cannot go with it",
+        ),
+    ];
+    for (what, args, needle) in cases {
+        let mut c = tmpdisk_cmd(&["--stdio", "--tmpdir", images.to_str().unwrap()]);
+        c.args(&args);
+        let out = run(&format!("tmpdisk --base ({what})"), c);
+        assert_eq!(out.status.code(), Some(2), "{what}: exit status 2\n{out}");
+        assert_one_line(&out.stderr, what);
+        assert!(out.stderr.contains(needle), "{what}: {needle:?} in\n{out}");
+    }
+    // Unreadable: a file only root may read, for tmpdisk as nobody.
+    use std::os::unix::fs::PermissionsExt;
+    let secret = dir.join("secret.img");
+    fs::write(&secret, vec![1u8; MIB as usize]).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let c = wrapped_tmpdisk_cmd(
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ],
+        &["--stdio", "--base", secret.to_str().unwrap()],
+    );
+    let out = run("tmpdisk --base (unreadable)", c);
+    assert_eq!(out.status.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("Permission denied"), "{out}");
+    assert_dir_empty(&images, "after refused images");
+}
