@@ -9,10 +9,12 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::common::kernel_mount::KernelMount;
+use crate::common::nbdraw::Framing;
 use crate::common::*;
 
 /// The files every image holds: name → contents.
@@ -346,6 +348,127 @@ threading.Thread(target=scribble, daemon=True).start()
         drop(writer);
     }
     drop(xfs);
+}
+
+/// Random writes, trims and zeroes, aligned and not, by clients of each
+/// framing on both paths (an overlay on this tmpdir, a clone on a reflink
+/// one), checked against a model that starts as the image's bytes: an 8 MiB
+/// disk over a 6 MiB image of random bytes with a 1 MiB hole in it (so the
+/// disk's last 2 MiB are past the image's end). The image never changes.
+#[test]
+fn random_io_on_both_paths_matches_a_model() {
+    let dir = TestDir::new("golden-model");
+    let (xfs, reflinked) = reflink_tmpdir(&dir);
+    let seed = crate::write_accounting::model_seed();
+    let mut bytes = vec![0u8; 6 << 20];
+    let mut x = seed | 1;
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let hole = (2 << 20)..(3 << 20);
+    bytes[hole.clone()].fill(0);
+    for (tmpdir, base, copy) in [
+        (dir.subdir("images"), dir.join("base.img"), "overlay"),
+        (
+            reflinked.clone(),
+            reflinked.parent().unwrap().join("base.img"),
+            "clone",
+        ),
+    ] {
+        // The hole is never written, so it is a hole in the file too, for
+        // block status to merge.
+        let mut f = fs::File::create(&base).unwrap();
+        f.write_all(&bytes[..hole.start]).unwrap();
+        f.seek(SeekFrom::Start(hole.end as u64)).unwrap();
+        f.write_all(&bytes[hole.end..]).unwrap();
+        drop(f);
+        let before = sha256(&base);
+        let mut server = Server::start_in(
+            &dir,
+            Mode::Unix,
+            &tmpdir,
+            &["--base", base.to_str().unwrap(), "8M"],
+            &[],
+        );
+        let mut start = bytes.clone();
+        start.resize(8 << 20, 0);
+        for (i, framing) in [Framing::Simple, Framing::Structured, Framing::Extended]
+            .into_iter()
+            .enumerate()
+        {
+            let (stored, _) = crate::write_accounting::model_client(
+                &dir,
+                framing,
+                seed.wrapping_add(i as u64),
+                300,
+                start.clone(),
+            );
+            assert!(stored > 0, "{copy}: no write was acknowledged");
+        }
+        server
+            .proc
+            .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+        assert_eq!(sha256(&base), before, "{copy}: the image changed");
+        wait_no_image_holders(&tmpdir, "after the model clients left");
+        assert_dir_empty(&tmpdir, "after the model clients left");
+        drop(server);
+    }
+    drop(xfs);
+}
+
+/// What a client sees when the admin changes the image under a running
+/// server (the README says it): truncated in place, the part that is gone
+/// reads as zeroes, through the zero-copy path too (nbdcopy's 256 KiB
+/// reads are sent with sendfile), with no hang and no error; replaced by a
+/// rename, the server keeps the image it opened.
+#[test]
+fn an_image_truncated_or_replaced_under_the_server() {
+    require(&["nbdcopy"]);
+    let dir = TestDir::new("golden-swap");
+    let base = dir.join("base.img");
+    let old: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8 + 1).collect();
+    fs::write(&base, &old).unwrap();
+    let server = Server::unix(&dir, &["--base", base.to_str().unwrap()]);
+    let copy_out = |name: &str| -> Vec<u8> {
+        let out = dir.join(name);
+        run_ok(
+            "nbdcopy",
+            cmd(
+                "timeout",
+                &["30", "nbdcopy", server.uri(), out.to_str().unwrap()],
+            ),
+        );
+        fs::read(&out).unwrap()
+    };
+    assert!(copy_out("first") == old, "a client's copy is not the image");
+
+    fs::File::options()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let got = copy_out("truncated");
+    assert_eq!(got.len(), 8 << 20, "the disk's size changed");
+    assert!(got[..3 << 20] == old[..3 << 20], "the part kept changed");
+    assert!(
+        got[3 << 20..].iter().all(|&b| b == 0),
+        "what truncation removed must read as zeroes"
+    );
+
+    let new = dir.join("new.img");
+    fs::write(&new, vec![0x55u8; 8 << 20]).unwrap();
+    fs::rename(&new, &base).unwrap();
+    let got = copy_out("replaced");
+    assert!(
+        got[..3 << 20] == old[..3 << 20] && got[3 << 20..].iter().all(|&b| b == 0),
+        "a running server must keep serving the image it opened"
+    );
+    let log = server.proc.stderr();
+    assert!(!log.contains("ERROR"), "{log}");
 }
 
 /// A disk larger than its image reads as zeroes (and holes) past the

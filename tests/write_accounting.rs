@@ -370,14 +370,24 @@ impl Model {
 
 const DISK: u64 = 8 << 20;
 
-/// One client's random run; returns (writes acknowledged, writes refused).
-fn model_client(dir: &TestDir, framing: Framing, seed: u64, ops: usize) -> (u64, u64) {
+/// One client's random run of `ops` writes, trims and zeroes on a disk
+/// whose bytes are `start` (its length a multiple of 1 MiB), checked
+/// against a model as it goes; returns (writes acknowledged, writes
+/// refused).
+pub(crate) fn model_client(
+    dir: &TestDir,
+    framing: Framing,
+    seed: u64,
+    ops: usize,
+    start: Vec<u8>,
+) -> (u64, u64) {
     let who = format!("client {framing:?} seed {seed:#x}");
+    let disk = start.len() as u64;
     let mut rng = Rng(seed | 1);
     let mut s = client(dir, framing);
     let mut m = Model {
-        bytes: vec![0; DISK as usize],
-        known: vec![true; DISK as usize],
+        known: vec![true; start.len()],
+        bytes: start,
     };
     let (mut stored, mut refused) = (0, 0);
     let mut cookie = 0u64;
@@ -396,8 +406,8 @@ fn model_client(dir: &TestDir, framing: Framing, seed: u64, ops: usize) -> (u64,
                 _ => PAGE * (16 + rng.below(112)),
             };
             let offset = match rng.below(2) {
-                0 => rng.below(DISK - len),
-                _ => rng.below((DISK - len) / PAGE) * PAGE,
+                0 => rng.below(disk - len),
+                _ => rng.below((disk - len) / PAGE) * PAGE,
             };
             let (cmd, data) = match rng.below(10) {
                 0..=6 => {
@@ -447,18 +457,18 @@ fn model_client(dir: &TestDir, framing: Framing, seed: u64, ops: usize) -> (u64,
 }
 
 fn check_disk(s: &mut UnixStream, framing: Framing, cookie: &mut u64, m: &Model, who: &str) {
-    let mut disk = Vec::with_capacity(DISK as usize);
+    let mut disk = Vec::with_capacity(m.bytes.len());
     let step = 1 << 20;
-    for off in (0..DISK).step_by(step) {
+    for off in (0..m.bytes.len() as u64).step_by(step) {
         *cookie += 1;
         disk.extend(read(s, framing, *cookie, off, step));
     }
     m.check(&disk, who);
 }
 
-#[test]
-fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
-    require_root("it mounts a small tmpfs as the tmpdir");
+/// A random seed, or TMPDISK_MODEL_SEED's (hex), printed so that a failing
+/// run can be repeated.
+pub(crate) fn model_seed() -> u64 {
     let seed = std::env::var("TMPDISK_MODEL_SEED")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
@@ -469,6 +479,13 @@ fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
                 .as_nanos() as u64
         });
     eprintln!("model seed {seed:#x} (rerun with TMPDISK_MODEL_SEED={seed:x})");
+    seed
+}
+
+#[test]
+fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
+    require_root("it mounts a small tmpfs as the tmpdir");
+    let seed = model_seed();
     // Declared first so it is dropped last, after the server and the
     // tmpfs mounted inside it (a busy mount point cannot be removed).
     let dir = std::sync::Arc::new(TestDir::new("acct-model"));
@@ -487,7 +504,9 @@ fn every_acknowledged_byte_reads_back_when_the_tmpdir_fills() {
         .map(|(i, framing)| {
             let dir = dir.clone();
             let seed = seed.wrapping_add(i as u64 * 0x9e37_79b9_7f4a_7c15);
-            std::thread::spawn(move || model_client(&dir, framing, seed, 600))
+            std::thread::spawn(move || {
+                model_client(&dir, framing, seed, 600, vec![0; DISK as usize])
+            })
         })
         .collect();
     let (mut stored, mut refused) = (0, 0);
