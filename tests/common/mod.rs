@@ -304,11 +304,15 @@ impl Proc {
         self.status
     }
 
-    /// Waits up to `limit` for the process to exit.
+    /// Waits up to `limit` for the process to exit, then for its output to
+    /// be complete: a caller that checks stderr right after an exit must see
+    /// all of it (CI once read it while the reader thread still held the
+    /// last line).
     pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
         let end = Instant::now() + limit;
         loop {
             if let Some(s) = self.try_status() {
+                self.drain_output();
                 return Some(s);
             }
             if Instant::now() >= end {
@@ -328,13 +332,17 @@ impl Proc {
                 self.describe()
             )
         });
-        // The pipes close when the last holder exits; a leftover grandchild
-        // could keep them open, so this wait is bounded too.
+        status
+    }
+
+    /// Waits for the output readers to reach end of file. The pipes close
+    /// when the last holder exits; a leftover grandchild could keep them
+    /// open, so this wait is bounded.
+    fn drain_output(&self) {
         let end = Instant::now() + Duration::from_secs(5);
         while !self.readers.iter().all(|r| r.is_finished()) && Instant::now() < end {
             thread::sleep(Duration::from_millis(10));
         }
-        status
     }
 
     /// Waits until stdout contains `needle`; fails the test on timeout or if
