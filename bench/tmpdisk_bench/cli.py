@@ -1,6 +1,7 @@
 """bench/run's command line and the wiring: options, rows, tools, the
 binary, then the runs (each repeat: the ceiling, then the comparison)
-inside a workspace and a set of servers, then the report."""
+inside a workspace (and, for the golden rows, their base image) and a set
+of servers, then the report."""
 
 import argparse
 import contextlib
@@ -12,10 +13,11 @@ import subprocess
 import sys
 import time
 
-from .common import REPO, log
+from .common import REPO, SIGNALLED, log
 from .config import Config, Options, Settings
+from .golden import check_base, golden_images
 from .machine import machine, versions
-from .report import footer, header, json_document, summarize, table
+from .report import footer, golden_table, header, json_document, summarize, table
 from .rows import GROUPS, build_rows, select_rows
 from .runner import run_once
 from .servers import Servers
@@ -29,7 +31,8 @@ def parse_args():
         prog="bench/run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="tmpdisk against nbdkit's tmpdisk plugin: same start-up, same workloads, one table.",
         epilog="Row groups for --only: %s; or row ids / globs (see --list), e.g. "
-               "--only 'unix.*,connect_1G_ext4'.  See bench/README.md." % ", ".join(sorted(GROUPS)))
+               "--only 'unix.*,connect_1G_ext4'.  The golden rows are opt-in: only --only golden (or a "
+               "golden.* id or glob) or --golden selects them.  See bench/README.md." % ", ".join(sorted(GROUPS)))
     ap.add_argument("--quick", action="store_true", help="~1 min: 3 connects per row, 1 seq run, 1G empty "
                     "read, 1 s fio jobs, 10 clients")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -50,11 +53,14 @@ def parse_args():
     ap.add_argument("--tmpfs", action="store_true",
                     help="mount a dedicated tmpfs as the scratch dir for the run (needs root)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
+    ap.add_argument("--golden", action="store_true",
+                    help="also the golden-image rows (tmpdisk --base vs qemu-nbd --snapshot and nbd-server "
+                         "copyonwrite; root for the clone path): opt-in, or select them with --only golden")
     a = ap.parse_args()
     return Options(settings=Settings.of(a.quick, a.runs, a.clients, a.fio_runtime),
                    repeat=a.repeat, only=a.only, json=a.json, markdown=a.markdown, list=a.list,
                    tmpdisk=a.tmpdisk, build=a.build, scratch=a.scratch, tmpfs=a.tmpfs,
-                   keep_logs=a.keep_logs)
+                   keep_logs=a.keep_logs, golden=a.golden)
 
 
 def tmpdisk_binary(opts):
@@ -85,6 +91,7 @@ def signals_interrupt():
     """SIGTERM and SIGHUP unwind like Ctrl-C (KeyboardInterrupt), so that
     every `with` on the way out stops its servers and removes its files."""
     def on_signal(signum, _frame):
+        SIGNALLED.append(signum)
         raise KeyboardInterrupt("signal %d" % signum)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
@@ -101,17 +108,29 @@ def main():
     rows = build_rows(opts.settings)
     if opts.list:
         for r in rows:
-            print("%-24s %-42s %-5s %-6s target %s" % (r.id, r.label, r.unit, r.better, r.target_text))
+            if r.peers:  # opt-in (--only golden, --golden); wider ids and labels
+                print("%-30s %-49s %-5s %-6s target %s %s" % (
+                    r.id, r.label, r.unit, r.better, r.target_text, "(tmpdisk's own value)" if r.absolute
+                    else "the faster of " + " and ".join(r.peers)))
+            else:
+                print("%-24s %-42s %-5s %-6s target %s" % (r.id, r.label, r.unit, r.better, r.target_text))
         return 0
-    rows = select_rows(rows, opts.only)
+    rows = select_rows(rows, opts.only, opts.golden)
     if opts.repeat < 1:
         sys.exit("bench/run: --repeat must be at least 1")
+    nbdkit_rows = any(not r.peers for r in rows)
+    golden_rows = any(r.peers for r in rows)
+    clone = any(r.id.startswith("golden.clone.") for r in rows)
+    if clone and os.geteuid() != 0:
+        sys.exit("bench/run: the golden clone rows loop-mount an xfs (reflink=1): run them as root, "
+                 "or select only the overlay ones (--only 'golden.overlay.*')")
     tools = find_tools(rows)
     tmpdisk, stale = tmpdisk_binary(opts)
 
     calib = []  # per repeat: {transport: ceiling}
     runs = []
     interrupted = False
+    base_check = None
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     mach = machine()
     t_start = time.monotonic()
@@ -121,8 +140,10 @@ def main():
         with signals_interrupt(), \
                 workspace(tmpdisk, stale, opts.scratch, opts.tmpfs, tools.openssl if tls else None,
                           opts.keep_logs) as work, \
+                (golden_images(work, tools, opts.settings, clone) if golden_rows
+                 else contextlib.nullcontext()) as golden, \
                 Servers() as servers:
-            cfg = Config(settings=opts.settings, tools=tools, work=work)
+            cfg = Config(settings=opts.settings, tools=tools, work=work, golden=golden)
             try:
                 ver = versions(cfg)
                 for rep in range(opts.repeat):
@@ -138,6 +159,12 @@ def main():
             except KeyboardInterrupt as e:
                 interrupted = True
                 log("interrupted (%s): stopping the servers" % (e or "Ctrl-C"))
+            if golden:  # every server is stopped by now: did any write to the base?
+                try:
+                    base_check = check_base(golden)
+                    log("golden: the base after the run: %s" % base_check)
+                except KeyboardInterrupt:
+                    interrupted = True
     except KeyboardInterrupt as e:  # before the runs began (making the workspace): nothing to report
         log("interrupted (%s)" % (e or "Ctrl-C"))
         return 130
@@ -146,18 +173,22 @@ def main():
         return 130 if interrupted else 1
     summary = summarize(rows, runs)
     mach["load_end"] = os.getloadavg()
-    print(header(cfg, mach, ver, date, len(runs), opts.markdown))
-    print()
-    print(table(summary, len(runs), opts.markdown))
+    print(header(cfg, mach, ver, date, len(runs), opts.markdown, nbdkit_rows))
+    if nbdkit_rows:
+        print()
+        print(table(summary, len(runs), opts.markdown))
+    if golden_rows:
+        print()
+        print(golden_table(summary, len(runs), opts.markdown))
     elapsed = time.monotonic() - t_start
     print()
-    print(footer(summary, calib, elapsed, mach["load_end"], interrupted, opts.markdown))
+    print(footer(summary, calib, elapsed, mach["load_end"], interrupted, opts.markdown, base_check))
     if opts.keep_logs:
         print("server logs: %s" % cfg.work.workdir)
     sys.stdout.flush()
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump(json_document(cfg, date, mach, ver, runs, elapsed, interrupted, calib, summary),
-                      f, indent=1, default=str)
+            json.dump(json_document(cfg, date, mach, ver, runs, elapsed, interrupted, calib, summary,
+                                    base_check), f, indent=1, default=str)
         log("JSON written to %s" % opts.json)
     return 130 if interrupted else 0

@@ -18,6 +18,12 @@ def log(msg):
     print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
 
 
+# signals received (cli.signals_interrupt): one that arrives while libnbd
+# runs a completion callback raises KeyboardInterrupt inside the callback,
+# where libnbd reports and drops it, so the aio loop looks here too
+SIGNALLED = []
+
+
 class BenchError(Exception):
     """A workload or a server failed; the row gets no value for that server."""
 

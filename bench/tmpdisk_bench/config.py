@@ -1,13 +1,14 @@
 """The benchmark's configuration, typed and frozen, each part built once:
 Settings (how much to measure: --quick and the options overriding it),
 Options (the whole command line), Tools (where the programs are),
-Workspace (this run's directories and the binary it measures), and Config,
-what the servers and workloads read."""
+Workspace (this run's directories and the binary it measures), Golden
+(the golden-image rows' base image and tmpdirs), and Config, what the
+servers and workloads read."""
 
 from dataclasses import dataclass
 from typing import Optional
 
-from .common import GiB
+from .common import GiB, MiB
 
 # The PATH both servers get (the same for both, whatever the user's is),
 # also where the tools are looked up: the mkfs tools live in sbin.
@@ -32,6 +33,9 @@ class Settings:
     clients_timeout: float = 120
     start_timeout: float = 30
     settle_mib: int = 32
+    golden_size: int = 4 * GiB    # the golden rows' base image
+    golden_data: int = 700 * MiB  # the random data in its files
+    golden_disk_runs: int = 3     # fresh clients per golden disk row
 
     @classmethod
     def of(cls, quick, runs, clients, fio_runtime):
@@ -61,16 +65,20 @@ class Options:
     scratch: str
     tmpfs: bool
     keep_logs: bool
+    golden: bool         # --golden: the golden rows as well
 
 
 @dataclass(frozen=True)
 class Tools:
     """The programs the selected rows run (tools.find_tools)."""
     socket_activate: str
-    nbdkit: str
+    nbdkit: Optional[str]    # only for the nbdkit rows (all but the golden ones)
     fio: str                 # plain "fio" when absent and no fio row runs: its version shows "?"
     nbdcopy: Optional[str]   # only for the empty-read rows
     openssl: Optional[str]   # only for the TLS rows
+    qemu_nbd: Optional[str] = None     # only for the golden rows
+    nbd_server: Optional[str] = None   # only for the golden rows
+    mkfs_xfs: Optional[str] = None     # for the golden clone rows (and the xfs connect row)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,27 @@ class Workspace:
 
 
 @dataclass(frozen=True)
+class Golden:
+    """The golden-image rows' files (golden.py), all under the scratch dir:
+    the base image, the tmpdir of the overlay path and of both peers, and,
+    for the clone path, a loop-mounted xfs (reflink=1) holding a copy of the
+    base and that path's tmpdir."""
+    base: str                  # the 4 GiB raw ext4 image every server serves
+    size: int                  # its size
+    data: int                  # bytes of it that are data (SEEK_DATA), not holes
+    extents: int               # its data extents
+    sha256: str                # of its content, checked unchanged at the end (golden.content_hash)
+    tmpdir: str                # tmpdisk overlay's TMPDIR, qemu-nbd's TMPDIR, nbd-server's cowdir
+    tmpdir_fs: str             # for the header
+    clone_base: Optional[str]  # the copy of the base on the xfs (None without clone rows)
+    clone_tmpdir: Optional[str]
+    clone_mount: Optional[str]
+    clone_fs: Optional[str]    # for the header
+
+
+@dataclass(frozen=True)
 class Config:
     settings: Settings
     tools: Tools
     work: Workspace
+    golden: Optional[Golden] = None  # only with golden rows

@@ -1,6 +1,7 @@
 """What the header says about where and what was measured: the machine
 (CPU, cores, kernel, RAM, load), the scratch dir's file system, and the
-versions of tmpdisk (with its git revision), nbdkit, libnbd and fio."""
+versions of tmpdisk (with its git revision), nbdkit, libnbd and fio (and
+for the golden rows qemu-nbd and nbd-server)."""
 
 import os
 import platform
@@ -41,11 +42,17 @@ def versions(cfg):
             return "?"
     rev = out(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
     dirty = out(["git", "-C", REPO, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
-    return {"tmpdisk": out([cfg.work.tmpdisk, "--version"]),
-            "tmpdisk_git": rev + ("+dirty" if dirty not in ("", "?") else ""),
-            "nbdkit": out([cfg.tools.nbdkit, "--version"]),
-            "libnbd": nbd.NBD().get_version(),
-            "fio": out([cfg.tools.fio, "--version"])}
+    t = cfg.tools
+    ver = {"tmpdisk": out([cfg.work.tmpdisk, "--version"]),
+           "tmpdisk_git": rev + ("+dirty" if dirty not in ("", "?") else ""),
+           "nbdkit": out([t.nbdkit, "--version"]) if t.nbdkit else "nbdkit ?",
+           "libnbd": nbd.NBD().get_version(),
+           "fio": out([t.fio, "--version"])}
+    if t.qemu_nbd:  # "/usr/bin/qemu-nbd 10.0.2 (Debian ...)"
+        ver["qemu-nbd"] = "qemu-nbd " + (out([t.qemu_nbd, "--version"]).split() + ["?", "?"])[1]
+    if t.nbd_server:  # "This is nbd-server version 3.24"
+        ver["nbd-server"] = "nbd-server " + (out([t.nbd_server, "-V"]).split() or ["?"])[-1]
+    return ver
 
 
 def fs_of(path):

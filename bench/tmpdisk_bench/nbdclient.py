@@ -7,7 +7,7 @@ import time
 
 import nbd
 
-from .common import BenchError
+from .common import SIGNALLED, BenchError
 
 
 def connect(uri, timeout, meta=False):
@@ -123,10 +123,11 @@ def connect_many(uri, n, timeout):
     return ok, [r for r in ready if r is not None], wall, errors
 
 
-def aio_run(h, total, rs, depth, write, pats, deadline, verify):
+def aio_run(h, total, rs, depth, write, pats, deadline, verify, expect=None):
     """Sequential aio over [0, total) in rs-byte requests, depth in flight.
     Writes pats[(off // rs) % len(pats)]; reads check the blocks in verify
-    against the same pattern.  Returns (seconds, bad blocks)."""
+    against the same pattern, or against expect[off] when expect (a dict
+    of offset -> bytes) is given.  Returns (seconds, bad blocks)."""
     errs, bad = [], []
     off = 0
     if write:
@@ -149,7 +150,8 @@ def aio_run(h, total, rs, depth, write, pats, deadline, verify):
                 def rcb(err, i=i, off=off):
                     if err.value:
                         errs.append(err.value)
-                    elif off in verify and bytes(pool[i].to_bytearray()) != pats[(off // rs) % len(pats)]:
+                    elif off in verify and bytes(pool[i].to_bytearray()) != (
+                            pats[(off // rs) % len(pats)] if expect is None else expect[off]):
                         bad.append(off)
                     free.append(i)
                     return 1
@@ -158,6 +160,8 @@ def aio_run(h, total, rs, depth, write, pats, deadline, verify):
         if time.monotonic() > deadline:
             raise BenchError("sequential %s not done before its deadline" % ("write" if write else "read"))
         h.poll(1000)
+        if SIGNALLED:  # raised in a completion callback, and dropped there by libnbd
+            raise KeyboardInterrupt("signal %d" % SIGNALLED[-1])
     dt = time.perf_counter() - t0
     if errs:
         raise BenchError("%d I/O errors (first errno %d)" % (len(errs), errs[0]))

@@ -2,7 +2,9 @@
 met), the table as text or Markdown with its header and footer (targets
 missed, rows without a result, the ceiling), and the JSON document."""
 
-from .common import median
+import dataclasses
+
+from .common import MiB, median, size_str
 
 
 def fmt(v, unit=""):
@@ -36,6 +38,9 @@ def fmt_ratio(r):
 def summarize(rows, runs):
     out = []
     for r in rows:
+        if r.peers:
+            out.append(summarize_golden(r, runs))
+            continue
         tv = [run[r.id].get("tmpdisk", (None,))[0] for run in runs]
         nv = [run[r.id].get("nbdkit", (None,))[0] for run in runs]
         ratios = [t / n for t, n in zip(tv, nv) if t is not None and n]
@@ -55,7 +60,35 @@ def summarize(rows, runs):
     return out
 
 
+def summarize_golden(r, runs):
+    """A golden row: tmpdisk's path and each peer, and per repeat the ratio
+    of tmpdisk to the faster (better) peer of that repeat."""
+    pick = min if r.better == "lower" else max
+    tv = [run[r.id].get("tmpdisk", (None,))[0] for run in runs]
+    pv = {p: [run[r.id].get(p, (None,))[0] for run in runs] for p in r.peers}
+    ratios, best = [], []
+    for i, t in enumerate(tv):
+        vals = [pv[p][i] for p in r.peers if pv[p][i] is not None]
+        if vals:
+            b = pick(vals)
+            best.append(r.peers[[pv[p][i] for p in r.peers].index(b)])
+            if t is not None and b:
+                ratios.append(t / b)
+    failed = any(run[r.id].get("tmpdisk", (None, {}))[1].get("failed") for run in runs)
+    tmed, rmed = median(tv), median(ratios)
+    met = r.met(tmed, rmed)
+    met = None if met is None else ("yes" if met else "NO")
+    return {"id": r.id, "label": r.label, "unit": r.unit, "better": r.better,
+            "tmpdisk": tmed, "peers": {p: median(v) for p, v in pv.items()},
+            "faster_peer": max(set(best), key=best.count) if best else None, "ratio": rmed,
+            "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+            "runs_with_ratio": len(ratios), "target": r.target_text, "absolute_target": r.absolute,
+            "met": "FAIL (data)" if failed else met, "info": r.info}
+
+
 def table(summary, repeat, markdown):
+    """The tmpdisk/nbdkit rows (the golden ones have a table of their own)."""
+    summary = [s for s in summary if "peers" not in s]
     spread = repeat > 1
     head = ["row", "unit", "better", "tmpdisk", "nbdkit", "ratio t/n"]
     if spread:
@@ -70,38 +103,89 @@ def table(summary, repeat, markdown):
                          if s["ratio_min"] is not None else "-")
         cells += [s["target"] + (" (tmpdisk)" if s["absolute_target"] else ""), s["met"] or ("-" if s["info"] else "?")]
         lines.append(cells)
+    return render(head, lines, {"tmpdisk", "nbdkit", "ratio t/n", "ratio min–max"}, markdown)
+
+
+def golden_table(summary, repeat, markdown):
+    """The golden rows: tmpdisk's path, both peers, the ratio to the faster
+    peer (per repeat, then the median), target and verdict."""
+    summary = [s for s in summary if "peers" in s]
+    peers = list(summary[0]["peers"]) if summary else []
+    spread = repeat > 1
+    ratio = "ratio t/faster peer"
+    head = ["row", "unit", "better", "tmpdisk"] + peers + [ratio]
+    if spread:
+        head.append("ratio min–max")
+    head += ["target", "met"]
+    lines = []
+    for s in summary:
+        cells = [s["label"], s["unit"], s["better"], fmt(s["tmpdisk"], s["unit"])]
+        cells += [fmt(s["peers"][p], s["unit"]) for p in peers] + [fmt_ratio(s["ratio"])]
+        if spread:
+            cells.append("%s–%s" % (fmt_ratio(s["ratio_min"]).rstrip("×"), fmt_ratio(s["ratio_max"]))
+                         if s["ratio_min"] is not None else "-")
+        cells += [s["target"] + (" (tmpdisk)" if s["absolute_target"] else ""), s["met"] or "?"]
+        lines.append(cells)
+    return render(head, lines, {"tmpdisk", ratio, "ratio min–max"} | set(peers), markdown)
+
+
+def render(head, lines, right, markdown):
+    """A table as Markdown, or as aligned text (the columns in right
+    right-aligned)."""
     if markdown:
-        right = {"tmpdisk", "nbdkit", "ratio t/n", "ratio min–max"}
         out = ["| " + " | ".join(head) + " |",
                "|" + "|".join("--:" if h in right else "---" for h in head) + "|"]
         for c in lines:
             out.append("| " + " | ".join(x.replace("|", "\\|") for x in c) + " |")
         return "\n".join(out)
     w = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
-    num = {3, 4, 5} | ({6} if spread else set())
+    num = {i for i, h in enumerate(head) if h in right}
 
     def line(c):
         return "  ".join(x.rjust(w[i]) if i in num else x.ljust(w[i]) for i, x in enumerate(c)).rstrip()
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(c) for c in lines])
 
 
-def header(cfg, mach, ver, date, repeat, markdown):
-    st, work = cfg.settings, cfg.work
+def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True):
+    """nbdkit_rows: rows against nbdkit were selected; cfg.golden is set
+    when golden rows were."""
+    st, work, g = cfg.settings, cfg.work, cfg.golden
     mode = "quick" if st.quick else "full"
+    title = ", ".join(([] if not nbdkit_rows else ["tmpdisk vs nbdkit tmpdisk"])
+                      + ([] if not g else ["%stmpdisk --base vs qemu-nbd --snapshot and nbd-server copyonwrite"
+                                           % ("and " if nbdkit_rows else "")]))
+    peers = ([ver["nbdkit"]] if nbdkit_rows else []) + ([ver["qemu-nbd"], ver["nbd-server"]] if g else [])
     lines = [
-        "tmpdisk vs nbdkit tmpdisk, %s, %s run%s" % (date, mode,
-                                                    ", median of %d repeats" % repeat if repeat > 1 else ""),
+        "%s, %s, %s run%s" % (title, date, mode, ", median of %d repeats" % repeat if repeat > 1 else ""),
         "machine: %s, %d cores, kernel %s, %.1f GiB RAM, load %.2f %.2f %.2f at start" % (
             mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], *mach["load_start"]),
         "tmpdisk %s (git %s, built %s)%s; %s; libnbd %s; %s" % (
             ver["tmpdisk"].split()[-1], ver["tmpdisk_git"], work.tmpdisk_built,
-            " [binary older than src/: rebuild!]" if work.stale else "", ver["nbdkit"], ver["libnbd"], ver["fio"]),
-        "tcp = systemd-socket-activate on 127.0.0.1 (tmpdisk: --accept, a process per client; nbdkit: its own "
-        "socket activation); unix = tmpdisk --unix vs nbdkit -f -U; images in %s (%s)"
-        % (work.scratch_where, work.scratch_fs),
-        "ratio = tmpdisk/nbdkit; connect: median of %d; seq: %d run(s), 1 GiB each; fio %gs per job; "
-        "%d clients" % (st.runs, st.seq_runs, st.fio_runtime, st.clients),
+            " [binary older than src/: rebuild!]" if work.stale else "", "; ".join(peers), ver["libnbd"], ver["fio"]),
     ]
+    if nbdkit_rows:
+        lines += [
+            "tcp = systemd-socket-activate on 127.0.0.1 (tmpdisk: --accept, a process per client; nbdkit: its own "
+            "socket activation); unix = tmpdisk --unix vs nbdkit -f -U; images in %s (%s)"
+            % (work.scratch_where, work.scratch_fs),
+            "ratio = tmpdisk/nbdkit; connect: median of %d; seq: %d run(s), 1 GiB each; fio %gs per job; "
+            "%d clients" % (st.runs, st.seq_runs, st.fio_runtime, st.clients),
+        ]
+    if g:
+        lines += [
+            "golden: base = %s raw ext4 image, %.0f MiB of data in %d extents (random files, mkfs.ext4 -d), "
+            "content sha256 %s; overlay path: tmpdir in %s (%s)%s"
+            % (size_str(g.size), g.data / MiB, g.extents, g.sha256[:16], work.scratch_where,
+               g.tmpdir_fs, "; clone path: tmpdir and a copy of the base on %s" % g.clone_fs if g.clone_fs else ""),
+            "golden servers, all on 127.0.0.1: tmpdisk --base IMAGE under systemd-socket-activate --accept (a process "
+            "per client); qemu-nbd --snapshot -f raw, socket-activated Accept=no (it takes a listening socket), a fresh "
+            "instance per client; nbd-server with copyonwrite = true, its own listener and a child per client, "
+            "diffs (and qemu-nbd's snapshots) in the overlay path's tmpdir",
+            "golden: ratio = tmpdisk / the faster peer (per repeat); connect: median of %d; seq: %d run(s), "
+            "each a fresh client reading the whole %s disk, then writing 1 GiB; fio %gs per job on the whole disk; "
+            "disk: median of %d fresh clients" % (st.runs, st.seq_runs, size_str(g.size), st.fio_runtime,
+                                                  st.golden_disk_runs),
+        ]
     if markdown:
         return "\n".join("_%s_  " % l if i == 0 else l + "  " for i, l in enumerate(lines))
     return "\n".join(lines)
@@ -126,9 +210,10 @@ def ceilings_text(calib, summary):
             % "; ".join(parts))
 
 
-def footer(summary, calib, elapsed, load_end, interrupted, markdown):
+def footer(summary, calib, elapsed, load_end, interrupted, markdown, base_check=None):
     """The line under the table: time, load, targets missed, rows without a
-    result, the ceiling, and whether the run was cut short."""
+    result, the ceiling, whether the golden base is unchanged, and whether
+    the run was cut short."""
     tail = "elapsed %.0f s; load %.2f %.2f %.2f at end" % (elapsed, *load_end)
     missed = [s["label"] for s in summary if s["met"] and not s["met"].startswith("yes")]
     unknown = [s["label"] for s in summary if not s["met"] and not (s["info"] and s["tmpdisk"] is not None)]
@@ -138,21 +223,28 @@ def footer(summary, calib, elapsed, load_end, interrupted, markdown):
     ceiling = ceilings_text(calib, summary)
     if ceiling:
         tail += "; " + ceiling
+    if base_check:
+        ok = all(v == "unchanged" for v in base_check.values())
+        tail += "; golden base %s after the run (content hash: %s)" % (
+            "unchanged" if ok else "CHANGED", ", ".join("%s %s" % kv for kv in base_check.items()))
     if interrupted:
         tail += "; INTERRUPTED: partial results"
     return tail + ("  " if markdown else "")
 
 
-def json_document(cfg, date, mach, ver, runs, elapsed, interrupted, calib, summary):
+def json_document(cfg, date, mach, ver, runs, elapsed, interrupted, calib, summary, base_check=None):
     """Everything: the settings, every sample per server and per repeat,
-    the ceilings and the summary."""
+    the ceilings, the golden base and the summary."""
     st, work = cfg.settings, cfg.work
-    return {"date": date, "machine": mach, "versions": ver, "quick": st.quick,
-            "repeat": len(runs), "elapsed_s": elapsed, "interrupted": interrupted,
-            "settings": {"tmpdisk": work.tmpdisk_source, "tmpdisk_built": work.tmpdisk_built,
-                         "runs": st.runs, "clients": st.clients, "fio_runtime": st.fio_runtime,
-                         "seq_runs": st.seq_runs, "big_size": st.big_size,
-                         "scratch": work.scratch_where},
-            "seq_ceiling_nbdkit_null": calib, "summary": summary,
-            "runs": [{rid: {srv: {"value": v, "details": d} for srv, (v, d) in per.items()}
-                      for rid, per in run.items()} for run in runs]}
+    doc = {"date": date, "machine": mach, "versions": ver, "quick": st.quick,
+           "repeat": len(runs), "elapsed_s": elapsed, "interrupted": interrupted,
+           "settings": {"tmpdisk": work.tmpdisk_source, "tmpdisk_built": work.tmpdisk_built,
+                        "runs": st.runs, "clients": st.clients, "fio_runtime": st.fio_runtime,
+                        "seq_runs": st.seq_runs, "big_size": st.big_size,
+                        "scratch": work.scratch_where},
+           "seq_ceiling_nbdkit_null": calib, "summary": summary,
+           "runs": [{rid: {srv: {"value": v, "details": d} for srv, (v, d) in per.items()}
+                     for rid, per in run.items()} for run in runs]}
+    if cfg.golden:
+        doc["golden"] = dict(dataclasses.asdict(cfg.golden), base_check=base_check)
+    return doc

@@ -1,20 +1,29 @@
 """The table's rows: their ids, labels, units, better direction and
-targets (issue 4), the groups --only accepts, and choosing rows."""
+targets (issue 4; the golden rows: issue 11), the groups --only accepts,
+and choosing rows."""
 
 import fnmatch
 import sys
 
-from .common import size_str
+from .common import MiB, size_str
+
+# the golden rows' peers, each measured once per repeat and shown in the rows of both tmpdisk paths
+GOLDEN_PEERS = ("qemu-nbd", "nbd-server")
+GOLDEN_PATHS = ("clone", "overlay")
 
 
 class Row:
     """One figure of the table.  better: 'lower' or 'higher'.  target: the
     bound the ratio tmpdisk/nbdkit must meet, or with absolute=True the bound
-    tmpdisk's own value must meet (in the row's unit)."""
+    tmpdisk's own value must meet (in the row's unit).  A golden row has
+    peers instead of nbdkit: its ratio is tmpdisk / the faster (better)
+    peer."""
 
-    def __init__(self, rid, label, unit, better, target, absolute=False, target_text=None, info=False):
+    def __init__(self, rid, label, unit, better, target, absolute=False, target_text=None, info=False,
+                 peers=None):
         self.id, self.label, self.unit, self.better = rid, label, unit, better
         self.target, self.absolute, self.info = target, absolute, info
+        self.peers = peers
         if info:
             target_text = "(for comparison)"
         op = "≤" if better == "lower" else "≥"
@@ -68,6 +77,35 @@ def build_rows(settings):
         Row("tls.seq_write", "TLS: seq write 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
         Row("tls.seq_read", "TLS: seq read-back 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
     ]
+    return rows + golden_rows(settings)
+
+
+def golden_rows(settings):
+    """Issue 11: tmpdisk --base on each path against the faster of
+    qemu-nbd --snapshot and nbd-server copyonwrite, same base.  Opt-in
+    (--only golden, or --golden): they need root and take a few minutes."""
+    base = size_str(settings.golden_size)
+    per_path = [
+        ("connect", "connect-to-ready %s base" % base, "ms", "lower", 0.2),
+        ("seq_read", "seq read whole %s base (256K ×16)" % base, "MB/s", "higher", 1.5),
+        ("seq_write", "seq write 1G (256K ×16)", "MB/s", "higher", 1.2),
+        ("randread_qd1", "randread 4k QD1 (fio)", "IOPS", "higher", 1.2),
+        ("randread_qd16", "randread 4k QD16 (fio)", "IOPS", "higher", 1.2),
+        ("randwrite_qd1", "randwrite 4k QD1 (fio)", "IOPS", "higher", 1.2),
+        ("randwrite_qd16", "randwrite 4k QD16 (fio)", "IOPS", "higher", 1.2),
+    ]
+    rows = []
+    for mid, label, unit, better, target in per_path:
+        for path in GOLDEN_PATHS:
+            rows.append(Row("golden.%s.%s" % (path, mid), "golden %s: %s" % (path, label), unit, better,
+                            target, peers=GOLDEN_PEERS))
+    # real disk per fresh client: tmpdisk's own value; 1 MiB (clone), 0.1 % of the base (overlay)
+    tenth = settings.golden_size * 0.001 / MiB
+    rows.append(Row("golden.clone.disk_per_client", "golden clone: real disk per fresh client", "MiB",
+                    "lower", 1.0, absolute=True, peers=GOLDEN_PEERS))
+    rows.append(Row("golden.overlay.disk_per_client", "golden overlay: real disk per fresh client", "MiB",
+                    "lower", tenth, absolute=True, peers=GOLDEN_PEERS,
+                    target_text="≤ %.1f MiB (0.1 %% of the base)" % tenth))
     return rows
 
 
@@ -85,12 +123,16 @@ GROUPS = {
     "unix": ["unix.*"],
     "tls": ["tls.*"],
     "io": ["*.seq_*", "*.empty_*", "*.rand*"],
+    "golden": ["golden.*"],
 }
 
 
-def select_rows(rows, only):
+def select_rows(rows, only, golden=False):
+    """The rows --only names (all without it).  The golden rows are opt-in:
+    only a pattern that starts with "golden" (the group, an id, a glob)
+    picks them, or golden=True (--golden) adds them all."""
     if not only:
-        return rows
+        return [r for r in rows if golden or not r.peers]
     pats = []
     for w in only.split(","):
         w = w.strip()
@@ -102,7 +144,8 @@ def select_rows(rows, only):
             pats.append(w)
         else:
             pats.append("*." + w)
-    picked = [r for r in rows if any(fnmatch.fnmatchcase(r.id, p) for p in pats)]
+    picked = [r for r in rows if (golden and r.peers) or any(
+        fnmatch.fnmatchcase(r.id, p) for p in pats if p.startswith("golden") or not r.peers)]
     if not picked:
         sys.exit("bench/run: --only %r selects no row (see --list)" % only)
     return picked

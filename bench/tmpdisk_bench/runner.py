@@ -1,6 +1,8 @@
 """One whole comparison: which server configurations (transport, size,
 type) the selected rows need and which workloads run on each; every
-configuration is started fresh on both servers, in alternating order."""
+configuration is started fresh on both servers, in alternating order.
+Then the golden rows: tmpdisk --base on each path and both peers, each
+started fresh, in an order that rotates from one repeat to the next."""
 
 import subprocess
 
@@ -8,7 +10,8 @@ import nbd
 
 from .common import GiB, BenchError, log, size_str
 from .report import fmt
-from .workloads import w_clients, w_connect, w_empty, w_fio, w_seq
+from .rows import GOLDEN_PATHS, GOLDEN_PEERS
+from .workloads import settle, w_clients, w_connect, w_empty, w_fio, w_golden_disk, w_golden_seq, w_seq
 
 SERVERS = ("tmpdisk", "nbdkit")
 
@@ -87,3 +90,64 @@ def run_once(cfg, servers, rows, rep, res):
                     for rid in ids:
                         if rid in res:
                             res[rid][name] = (None, {"error": str(e).splitlines()[0]})
+    if any(r.peers for r in rows):
+        run_golden(cfg, servers, [r for r in rows if r.peers], rep, res)
+
+
+# the golden workloads, in the order they run on each server, and the measures (row id tails) of each
+GOLDEN_JOBS = (("connect", ("connect",)), ("disk", ("disk_per_client",)),
+               ("seq", ("seq_read", "seq_write")),
+               ("fio", ("randread_qd1", "randread_qd16", "randwrite_qd1", "randwrite_qd16")))
+
+
+def golden_targets(name, measure, want):
+    """(row id, column) pairs a golden server's value of one measure goes
+    to: tmpdisk's path to its own row; a peer's to the rows of both paths."""
+    if name.startswith("tmpdisk-"):
+        pairs = [("golden.%s.%s" % (name.split("-", 1)[1], measure), "tmpdisk")]
+    else:
+        pairs = [("golden.%s.%s" % (path, measure), name) for path in GOLDEN_PATHS]
+    return [(rid, col) for rid, col in pairs if rid in want]
+
+
+def run_golden(cfg, servers, rows, rep, res):
+    """The golden rows: each server that the selected rows need, started
+    fresh, runs the selected workloads (as generic ids "golden.MEASURE"),
+    whose values go to the rows of its path (tmpdisk) or of both (peers)."""
+    want = {r.id for r in rows}
+    names = ["tmpdisk-" + p for p in GOLDEN_PATHS if any(r.startswith("golden.%s." % p) for r in want)]
+    names += list(GOLDEN_PEERS)
+    names = names[rep % len(names):] + names[:rep % len(names)]  # who goes first rotates between repeats
+    for name in names:
+        jobs = [(job, [m for m in ms if golden_targets(name, m, want)]) for job, ms in GOLDEN_JOBS]
+        jobs = [(job, ms) for job, ms in jobs if ms]
+        if not jobs:
+            continue
+        log("%s: golden %s base: %s" % (name, size_str(cfg.golden.size), ", ".join(j for j, _ in jobs)))
+        try:
+            with servers.start(cfg, name, "golden", cfg.golden.size, "base") as srv:
+                for job, ms in jobs:
+                    ids = {"golden." + m for m in ms}
+                    try:
+                        if job == "connect":
+                            got = w_connect(srv, cfg, "golden.connect", idle=True)
+                        elif job == "disk":
+                            got = w_golden_disk(srv, cfg)
+                        elif job == "seq":
+                            got = w_golden_seq(srv, cfg, ids)
+                        else:
+                            settle(cfg.settings)  # the seq job's writes: not the fio jobs' to pay for
+                            got = w_fio(srv, cfg, "golden", ids)
+                    except (BenchError, nbd.Error, OSError, subprocess.SubprocessError) as e:
+                        log("%s golden %s failed: %s" % (name, job, e))
+                        got = {i: (None, {"error": str(e)}) for i in ids}
+                    for gid, (v, det) in got.items():
+                        for rid, col in golden_targets(name, gid.split(".", 1)[1], want):
+                            res[rid][col] = (v, det)
+                        log("  %-24s %-15s %s" % (gid, name, fmt(v)))
+        except BenchError as e:  # it did not start
+            log(str(e))
+            for _job, ms in jobs:
+                for m in ms:
+                    for rid, col in golden_targets(name, m, want):
+                        res[rid][col] = (None, {"error": str(e).splitlines()[0]})

@@ -1,20 +1,34 @@
 """Starting and stopping the servers: tmpdisk, nbdkit's tmpdisk plugin and
-nbdkit's null plugin (the ceiling), each for one transport, size and type.
-A Servers object owns every server of a run: each is stopped when its
-`with` block ends, and whatever is still running when the Servers block
-ends (an exception, Ctrl-C, SIGTERM, a stop cut short) is stopped then."""
+nbdkit's null plugin (the ceiling), each for one transport, size and type;
+and for the golden rows (transport "golden"), tmpdisk --base on its two
+paths (tmpdisk-overlay, tmpdisk-clone), qemu-nbd --snapshot and nbd-server
+with copyonwrite.  A Servers object owns every server of a run: each is
+stopped when its `with` block ends, and whatever is still running when the
+Servers block ends (an exception, Ctrl-C, SIGTERM, a stop cut short) is
+stopped then."""
 
 import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from .common import BenchError, log, size_str, uninterrupted
 from .config import SERVER_PATH
 from .nbdclient import connect, disconnect
 from .procs import comm, proc_state, start_time, tree
+
+from .rows import GOLDEN_PATHS
+
+# the golden rows' tmpdisk servers, one per path; the peers' export name (nbd-server needs one)
+GOLDEN_TMPDISK = tuple("tmpdisk-" + p for p in GOLDEN_PATHS)
+GOLDEN_EXPORT = "golden"
+# bench/tmpdisk_bench/activate.py, run as a program of its own (see there)
+ACTIVATE = os.path.join(os.path.dirname(os.path.realpath(__file__)), "activate.py")
 
 
 def free_port():
@@ -67,12 +81,16 @@ class Server:
         self.proc = None
         self.known = {}  # pid -> start time of every process seen in our tree, for the final kill
         self.scratch = cfg.work.scratch
+        if transport == "golden":  # where this server's per-client files go (see golden.py)
+            self.scratch = cfg.golden.clone_tmpdir if name == "tmpdisk-clone" else cfg.golden.tmpdir
         self.logpath = os.path.join(cfg.work.workdir, "%s.log" % name)
 
     def argv(self, endpoint):
         tools, tmpdisk = self.cfg.tools, self.cfg.work.tmpdisk
         size, t = size_str(self.size), self.fstype
         env = ["-E", "TMPDIR=" + self.scratch, "-E", "PATH=" + SERVER_PATH]
+        if self.transport == "golden":
+            return self.golden_argv(endpoint, env)
         if self.transport in ("tcp", "tls"):
             tls = self.cfg.work.tls if self.transport == "tls" else None
             if self.name == "tmpdisk":
@@ -93,6 +111,34 @@ class Server:
             return [tmpdisk, "--unix", endpoint, "-t", t, size]
         return [tools.nbdkit, "-f", "-U", endpoint, "tmpdisk", size, "type=" + t]
 
+    def golden_argv(self, endpoint, env):
+        """The golden rows' servers, each started the way it is deployed:
+        tmpdisk as for the tcp rows (a process per connection) with --base,
+        the xfs copy of the base for the clone path; qemu-nbd --snapshot by
+        socket activation with Accept=no, one instance per client (it takes
+        a listening socket from systemd, not a connected one); nbd-server
+        listening itself, a child per client, under a subreaper (it always
+        daemonizes)."""
+        g, tools = self.cfg.golden, self.cfg.tools
+        if self.name in GOLDEN_TMPDISK:
+            base = g.clone_base if self.name == "tmpdisk-clone" else g.base
+            return [tools.socket_activate, "--accept", "-l", endpoint] + env + [self.cfg.work.tmpdisk, "--base", base]
+        if self.name == "qemu-nbd":  # TMPDIR (its snapshot's directory) comes from the environment
+            return [sys.executable, ACTIVATE, "respawn", "-l", endpoint, "--",
+                    tools.qemu_nbd, "--snapshot", "-f", "raw", g.base]
+        if self.name == "nbd-server":
+            host, port = endpoint.rsplit(":", 1)
+            conf = os.path.join(self.cfg.work.workdir, "nbd-server.conf")
+            with open(conf, "w") as f:
+                # no user/group: it stays who we are; an allow file that does not exist: anyone may connect
+                f.write("[generic]\n    listenaddr = %s\n    port = %s\n"
+                        "[%s]\n    exportname = %s\n    copyonwrite = true\n    cowdir = %s\n"
+                        "    authfile = %s\n" % (host, port, GOLDEN_EXPORT, g.base, self.scratch,
+                                                   os.path.join(self.cfg.work.workdir, "nbd-server.allow")))
+            return [sys.executable, ACTIVATE, "reap", "--", tools.nbd_server, "-C", conf,
+                    "-p", os.path.join(self.cfg.work.workdir, "nbd-server.pid")]
+        raise ValueError(self.name)
+
     def start(self):
         last = None
         for attempt in range(3):
@@ -100,6 +146,10 @@ class Server:
                 port = free_port()
                 endpoint = "127.0.0.1:%d" % port
                 self.uri = "nbd://127.0.0.1:%d" % port
+            elif self.transport == "golden":
+                port = free_port()
+                endpoint = "127.0.0.1:%d" % port
+                self.uri = "nbd://127.0.0.1:%d" % port + ("/" + GOLDEN_EXPORT if self.name == "nbd-server" else "")
             elif self.transport == "tls":
                 port = free_port()
                 endpoint = "127.0.0.1:%d" % port
@@ -115,16 +165,19 @@ class Server:
             with open(self.logpath, "ab") as lf:
                 lf.write(("\n=== %s %s\n" % (time.strftime("%H:%M:%S"), " ".join(argv))).encode())
                 lf.flush()
+                self.log_start = lf.tell()
                 self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=lf,
                                              stderr=lf, start_new_session=True, cwd=self.scratch)
             self.known[self.proc.pid] = start_time(self.proc.pid)
             try:
                 self.warm_up()
+                if self.name in GOLDEN_TMPDISK:
+                    self.check_copy()
                 return
             except BenchError as e:
                 last = e
                 self.stop()
-                if self.transport not in ("tcp", "tls"):
+                if self.transport not in ("tcp", "tls", "golden"):
                     break
                 log("%s did not come up (attempt %d): %s" % (self.name, attempt + 1, e))
         raise BenchError("%s failed to start: %s\n%s" % (self.name, last, self.log_tail()))
@@ -146,6 +199,42 @@ class Server:
                 last = e
                 time.sleep(0.05)
         raise BenchError("no NBD handshake within %.0f s (%s)" % (self.cfg.settings.start_timeout, last))
+
+    def check_copy(self):
+        """tmpdisk --base chose the path this server stands for: its log's
+        `client served` line (of the warm-up connection) says copy=clone or
+        copy=overlay."""
+        want = self.name.split("-", 1)[1]
+        end = time.monotonic() + 5
+        while True:
+            with open(self.logpath, "rb") as f:
+                f.seek(self.log_start)
+                got = re.findall(r'client served .*?copy="?(\w+)', f.read().decode(errors="replace"))
+            if got:
+                if got[-1] != want:
+                    raise BenchError("tmpdisk served a %s, not a %s (see %s)" % (got[-1], want, self.logpath))
+                return
+            if time.monotonic() > end:
+                raise BenchError("no `client served ... copy=` line in tmpdisk's log")
+            time.sleep(0.05)
+
+    def idle_processes(self):
+        """How many processes this server's tree has with no client: the
+        socket activator (tmpdisk, qemu-nbd); nbd-server's subreaper and
+        daemon."""
+        return 2 if self.name == "nbd-server" else 1
+
+    def wait_idle(self, timeout=10.0):
+        """Wait (bounded) until the last client's processes are gone: a
+        connect then measures a fresh client of an idle server, whoever
+        takes longer to wind down (qemu-nbd's next instance only starts
+        once the last one exited)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len([p for p in self.pids() if proc_state(p)[0] != "Z"]) <= self.idle_processes():
+                return
+            time.sleep(0.01)
+        log("%s: the last client's processes still there after %.0f s" % (self.name, timeout))
 
     def pids(self):
         ps = tree(self.proc.pid) if self.proc else []
@@ -196,6 +285,25 @@ class Server:
             log("warning: %s: still there 5 s after SIGKILL: %s" % (self.name, ", ".join(
                 "%d %s (state %s, parent %s)" % ((p, comm(p)) + proc_state(p)) for p in left)))
         self.proc = None
+        if self.transport == "golden":
+            self.sweep()
+
+    def sweep(self):
+        """Every golden server keeps its per-client files in its tmpdir and
+        removes them when the client leaves (tmpdisk's have no name at all;
+        nbd-server unlinks its <export>-<client>-<pid>.diff, qemu-nbd its
+        snapshot): whatever is still there once the server is stopped (a
+        client cut off by SIGKILL) is reported and removed."""
+        for fn in sorted(os.listdir(self.scratch)):
+            path = os.path.join(self.scratch, fn)
+            log("warning: %s left %s behind: removing it" % (self.name, path))
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
 
     def is_ours(self, p):
         """p still exists and is the process we saw in our tree (same start

@@ -14,8 +14,9 @@ TABLE = os.path.join(REPO, "tests", "tools")
 
 
 def packages():
-    """{tool: Debian package} from the table: lines `tool  package`, and
-    `#` comments."""
+    """{tool: Debian package} from the table: lines `tool  package`, with
+    `bench-only` after the tools tests/run does not install, and `#`
+    comments."""
     try:
         with open(TABLE) as f:
             lines = f.read().splitlines()
@@ -26,8 +27,8 @@ def packages():
         words = line.split("#", 1)[0].split()
         if not words:
             continue
-        if len(words) != 2:
-            sys.exit("bench/run: %s:%d: expected `tool  package`, not %r" % (TABLE, n, line))
+        if len(words) not in (2, 3) or words[2:] not in ([], ["bench-only"]):
+            sys.exit("bench/run: %s:%d: expected `tool  package [bench-only]`, not %r" % (TABLE, n, line))
         table[words[0]] = words[1]
     return table
 
@@ -47,7 +48,8 @@ def find_tools(rows):
         return "%s (apt-get install %s)" % (tool, package_of(tool, table))
     ids = {r.id for r in rows}
     fio_rows = any(".rand" in i for i in ids)
-    need = ["systemd-socket-activate", "nbdkit"]
+    nbdkit_rows = any(not r.peers for r in rows)
+    need = ["systemd-socket-activate"] + (["nbdkit"] if nbdkit_rows else [])
     if any(".empty_read" in i for i in ids):
         need.append("nbdcopy")
     need.append("fio")  # without fio rows, only for the version line: optional
@@ -56,13 +58,19 @@ def find_tools(rows):
         need.append("mkfs.xfs")
     if "tcp.connect_1G_vfat" in ids:
         need.append("mkfs.vfat")
+    if any(r.peers for r in rows):  # golden: the peers, and for the clone path an xfs on a loop device
+        need += ["qemu-nbd", "nbd-server"]
+        if any(i.startswith("golden.clone.") for i in ids):
+            need += ["mkfs.xfs", "mount", "umount"]
     missing = []
     found = {}
     for tool in need:
+        if tool in found:
+            continue
         found[tool] = shutil.which(tool, path=SERVER_PATH)
         if not found[tool] and (tool != "fio" or fio_rows):
             missing.append(install(tool))
-    if found["nbdkit"]:
+    if found.get("nbdkit"):
         r = subprocess.run([found["nbdkit"], "tmpdisk", "--version"], capture_output=True, timeout=20)
         if r.returncode != 0:
             missing.append("nbdkit's tmpdisk plugin (apt-get install %s)" % package_of("nbdkit", table))
@@ -77,5 +85,7 @@ def find_tools(rows):
             missing.append(install("openssl"))
     if missing:
         sys.exit("bench/run: missing: " + "; ".join(missing))
-    return Tools(socket_activate=found["systemd-socket-activate"], nbdkit=found["nbdkit"],
-                 fio=found["fio"] or "fio", nbdcopy=found.get("nbdcopy"), openssl=openssl)
+    return Tools(socket_activate=found["systemd-socket-activate"], nbdkit=found.get("nbdkit"),
+                 fio=found["fio"] or "fio", nbdcopy=found.get("nbdcopy"), openssl=openssl,
+                 qemu_nbd=found.get("qemu-nbd"), nbd_server=found.get("nbd-server"),
+                 mkfs_xfs=found.get("mkfs.xfs"))

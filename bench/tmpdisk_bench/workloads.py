@@ -1,7 +1,9 @@
 """The measurements: each workload runs on one started server and returns
-{row id: (value, details)} for the rows it measures; and the ceiling of
-the seq rows, the same loop against nbdkit's null plugin."""
+{row id: (value, details)} for the rows it measures; the ceiling of the
+seq rows, the same loop against nbdkit's null plugin; and the golden-image
+workloads (a whole-base read and a 1 GiB write, real disk per fresh client)."""
 
+import ctypes
 import json
 import os
 import random
@@ -12,6 +14,7 @@ import time
 import nbd
 
 from .common import GiB, KiB, MiB, BenchError, log, median
+from .golden import data_extents
 from .nbdclient import aio_run, connect, connect_many, disconnect, wait_command
 from .procs import comm, images, tree_pss
 
@@ -38,10 +41,15 @@ def settle(settings):
         time.sleep(0.1)
 
 
-def w_connect(srv, cfg, rid):
+def w_connect(srv, cfg, rid, idle=False):
+    """idle: before each connect, also wait until the last client's server
+    processes are gone (the golden rows: qemu-nbd starts its next instance
+    only then)."""
     settle(cfg.settings)
     samples, errors = [], []
     for _ in range(cfg.settings.runs):
+        if idle:
+            srv.wait_idle()
         try:
             h, dt = connect(srv.uri, 30)
             samples.append(dt * 1000)
@@ -255,3 +263,100 @@ def w_clients(srv, cfg, want):
         log("warning: %s still holds %d images 10 s after its clients left" % (srv.name, len(left)))
         out.setdefault("tcp.disk_per_client", (None, {}))[1]["left_after_disconnect"] = len(left)
     return {k: v for k, v in out.items() if k in want}
+
+
+def w_golden_seq(srv, cfg, want):
+    """The golden seq rows, on seq_runs fresh clients each: read the whole
+    disk (the base: holes included, as a client reading its disk end to end
+    would) in 256 KiB requests, 16 in flight, checking 66 blocks (first,
+    last, 64 random ones holding the base's data) against the base; then
+    write 1 GiB from the start the same way, and read 66 of the written
+    blocks back."""
+    g, rs, depth = cfg.golden, 256 * KiB, 16
+    settle(cfg.settings)
+    fd = os.open(g.base, os.O_RDONLY)
+    try:
+        blocks = sorted({o for s, e in data_extents(fd) for o in range(s - s % rs, e, rs)})
+        offs = random.sample(blocks, min(64, len(blocks))) + [0, g.size - rs]
+        expect = {o: os.pread(fd, rs, o) for o in offs}
+    finally:
+        os.close(fd)
+    pats = [os.urandom(rs) for _ in range(17)]
+    rd, wr, bad_rd, bad_wr = [], [], 0, 0
+    for _ in range(cfg.settings.seq_runs):
+        srv.wait_idle()
+        h, _ = connect(srv.uri, 30)
+        try:
+            size = h.get_size()
+            if size != g.size:
+                raise BenchError("the disk is %d bytes, the base %d" % (size, g.size))
+            dt, badblk = aio_run(h, size, rs, depth, False, pats, time.monotonic() + cfg.settings.io_timeout,
+                                 set(expect), expect=expect)
+            rd.append(size / dt / 1e6)
+            bad_rd += len(badblk)
+            dt, _ = aio_run(h, GiB, rs, depth, True, pats, time.monotonic() + cfg.settings.io_timeout, set())
+            wr.append(GiB / dt / 1e6)
+            for off in random.sample(range(0, GiB, rs), 64) + [0, GiB - rs]:
+                if h.pread(rs, off) != pats[(off // rs) % len(pats)]:
+                    bad_wr += 1
+        except nbd.Error as e:
+            raise BenchError(str(e))
+        finally:
+            disconnect(h)
+            del h
+    out = {"golden.seq_read": (median(rd), {"samples": rd, "bytes": g.size, "failed": bad_rd > 0,
+                                            "verify": "ok" if bad_rd == 0 else "FAIL (%d bad blocks)" % bad_rd}),
+           "golden.seq_write": (median(wr), {"samples": wr, "bytes": GiB, "failed": bad_wr > 0,
+                                             "verify": "ok" if bad_wr == 0 else "FAIL (%d bad blocks)" % bad_wr})}
+    return {k: v for k, v in out.items() if k in want}
+
+
+def fs_used(path):
+    """Bytes in use on path's file system, after syncfs(2), once three
+    readings 50 ms apart agree (xfs frees a deleted clone's blocks in the
+    background), or after 5 s."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        seen, end = [], time.monotonic() + 5
+        while True:
+            libc.syncfs(fd)
+            st = os.fstatvfs(fd)
+            seen.append((st.f_blocks - st.f_bfree) * st.f_frsize)
+            if len(seen) >= 3 and len(set(seen[-3:])) == 1 or time.monotonic() > end:
+                return seen[-1]
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+def w_golden_disk(srv, cfg):
+    """Real disk used by one fresh client once connected, median of
+    golden_disk_runs clients one after another.  The clone path: the xfs's
+    used space (statvfs, after syncfs) with the client connected minus
+    without it, because st_blocks of a reflink clone counts the extents it
+    shares with the base.  Every other server: st_blocks of the files it
+    holds open (or left named) in its tmpdir: tmpdisk's overlay delta,
+    qemu-nbd's snapshot, nbd-server's diff file."""
+    statvfs = srv.name == "tmpdisk-clone"
+    samples, files, blocks = [], [], []
+    for _ in range(cfg.settings.golden_disk_runs):
+        srv.wait_idle()
+        before = fs_used(cfg.golden.clone_mount) if statvfs else 0
+        h, _ = connect(srv.uri, 30)
+        try:
+            time.sleep(0.1)
+            imgs = images(srv.proc.pid, srv.scratch)
+            used = fs_used(cfg.golden.clone_mount) - before if statvfs else sum(imgs.values())
+        finally:
+            disconnect(h)
+            del h
+        if not imgs:
+            raise BenchError("no per-client file of %s found in %s" % (srv.name, srv.scratch))
+        samples.append(used / MiB)
+        files.append(len(imgs))
+        blocks.append(sum(imgs.values()) / MiB)
+    det = {"samples_mib": samples, "files": files, "st_blocks_mib": blocks,
+           "measure": "statvfs of the xfs (used space with the client minus without)" if statvfs
+           else "st_blocks of its files in %s" % srv.scratch}
+    return {"golden.disk_per_client": (median(samples), det)}
