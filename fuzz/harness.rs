@@ -17,7 +17,9 @@ use std::io::{self, Read, Write};
 use std::sync::OnceLock;
 
 use tmpdisk::image::Image;
-use tmpdisk::nbd::negotiate::{Exports, NegotiationEnd, OpenError, Tls, handshake, negotiate};
+use tmpdisk::nbd::negotiate::{
+    Exports, NegotiationEnd, OpenError, Purpose, Tls, handshake, negotiate,
+};
 use tmpdisk::nbd::stream::{Channel, Stream};
 use tmpdisk::nbd::transmit::{Stats, serve};
 use tmpdisk::nbd::wire::*;
@@ -115,7 +117,7 @@ pub struct FuzzExports {
 impl Channel for Mem<'_> {}
 
 impl Exports for FuzzExports {
-    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _purpose: Purpose, _pipelined: bool) -> Result<u64, OpenError> {
         self.opened += 1;
         if self.fail {
             return Err(OpenError {
@@ -309,5 +311,75 @@ pub fn check_framing(mut out: &[u8], extended: bool) {
             out.len() - header
         );
         out = &out[header + payload..];
+    }
+}
+
+/// The catalog the export-name target resolves against: the default
+/// export, one where clients choose (size up to 64 GiB, xfs or ext4, a
+/// label), and one where they choose nothing.
+fn catalog() -> &'static tmpdisk::exports::Catalog {
+    static CATALOG: OnceLock<tmpdisk::exports::Catalog> = OnceLock::new();
+    CATALOG.get_or_init(|| {
+        let common = tmpdisk::cli::Common {
+            tmpdir: std::env::temp_dir(),
+            min_free: tmpdisk::cli::MinFree::Bytes(0),
+            setup_timeout: None,
+        };
+        let fs = |t: &str| tmpdisk::cli::FsSpec {
+            fs_type: t.into(),
+            label: None,
+            mkfs_options: vec![],
+            command: None,
+        };
+        let text = "[export.scratch]\nsize = \"8G\"\ntype = \"xfs\"\nmax-size = \"64G\"\n\
+                    types = [\"xfs\", \"ext4\"]\nlabels = true\n\n\
+                    [export.fixed]\nsize = \"512M\"\ntype = \"vfat\"\n";
+        tmpdisk::exports::Catalog::from_texts(
+            &[("exports.toml".into(), text.into())],
+            Some(common.disk(SIZE, fs("ext4"), None)),
+            &common,
+        )
+        .expect("the harness's catalog")
+    })
+}
+
+/// An export name, as a client sends it (the negotiation has already
+/// refused anything but UTF-8 without NUL, up to 4096 bytes). The oracle:
+/// a shape within the catalog's limits, or a refusal whose message is
+/// printable and bounded.
+pub fn export_name(data: &[u8]) {
+    let Ok(name) = std::str::from_utf8(data) else {
+        return;
+    };
+    if name.len() > 4096 || name.contains('\0') {
+        return;
+    }
+    match catalog().resolve(name) {
+        Ok(shape) => {
+            let d = &shape.disk;
+            assert!(d.size <= 64 << 30, "{name:?}: size {}", d.size);
+            assert!(
+                ["ext4", "xfs", "vfat"].contains(&d.fs.fs_type.as_str()),
+                "{name:?}: type {}",
+                d.fs.fs_type
+            );
+            if let Some(l) = &d.fs.label {
+                assert!(l.len() <= 16, "{name:?}: label {l:?}");
+            }
+        }
+        Err(r) => {
+            assert!(
+                r.reply == REP_ERR_UNKNOWN || r.reply == REP_ERR_POLICY,
+                "{name:?}: reply {:#x}",
+                r.reply
+            );
+            assert!(
+                !r.message.is_empty()
+                    && r.message.len() <= 1024
+                    && !r.message.chars().any(char::is_control),
+                "{name:?}: message {:?}",
+                r.message
+            );
+        }
     }
 }

@@ -75,8 +75,26 @@ request_seeds = {
     + ereq(WRITE, 0, 1 << 40, PAYLOAD_LEN, 3),
 }
 
+# Export names, as a client writes them (no selector byte).
+name_seeds = {
+    "default": b"",
+    "plain": b"scratch",
+    "chosen": b"scratch:size=16G:type=ext4:label=build",
+    "default-chosen": b":size=2G",
+    "over-limit": b"scratch:size=65G",
+    "fixed-chosen": b"fixed:type=xfs",
+    "unknown": b"nosuch",
+    "twice": b"scratch:size=1G:size=2G",
+    "bad-key": b"scratch:colour=red",
+    "shell": b"scratch:type=x$(reboot)",
+    "escape": b"scr\x1b[2Jatch",
+    "long-label": b"scratch:type=xfs:label=" + b"L" * 300,
+    "long": b"s" * 4096,
+}
+
 here = os.path.dirname(os.path.abspath(__file__))
-for target, seeds in (("option_phase", option_seeds), ("request_phase", request_seeds)):
+for target, seeds in (("option_phase", option_seeds), ("request_phase", request_seeds),
+                      ("export_name", name_seeds)):
     d = os.path.join(here, "corpus", target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Parser};
 
 use crate::base::Base;
+use crate::exports::Catalog;
 
 /// NBD's registered port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -124,6 +125,19 @@ pub struct Args {
     /// Require clients to present a certificate signed by ca-cert.pem
     #[arg(long, env = "TMPDISK_TLS_VERIFY_PEER")]
     pub tls_verify_peer: bool,
+
+    /// Named exports: a TOML file of exports (and FILE's drop-in directory,
+    /// exports.d/*.toml beside exports.toml) that clients choose by export
+    /// name; the command line's disk stays the default export. The format:
+    /// the commented /etc/tmpdisk/exports.toml of the packages, or the
+    /// README (/usr/share/doc/tmpdisk)
+    #[arg(long, value_name = "FILE", env = "TMPDISK_EXPORTS")]
+    pub exports: Option<PathBuf>,
+
+    /// Check the configuration (options, environment, exports file), print
+    /// the exports and exit: 0 if it is good, 2 with file:line if not
+    #[arg(long)]
+    pub check_config: bool,
 
     /// Log level: error, warn, info, debug or trace
     #[arg(long, value_name = "LEVEL", env = "TMPDISK_LOG_LEVEL", default_value = "info",
@@ -242,11 +256,38 @@ pub struct DiskSpec {
     pub setup_timeout: Option<Duration>,
 }
 
+/// What every export's disk shares: where it goes and how it is admitted.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub tmpdir: PathBuf,
+    pub min_free: MinFree,
+    pub setup_timeout: Option<Duration>,
+}
+
+impl Common {
+    /// A disk of this shape, made here.
+    pub fn disk(&self, size: u64, fs: FsSpec, base: Option<Arc<Base>>) -> DiskSpec {
+        DiskSpec {
+            size,
+            fs,
+            base,
+            tmpdir: self.tmpdir.clone(),
+            min_free: self.min_free,
+            setup_timeout: self.setup_timeout,
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tls: Option<TlsSpec>,
-    pub disk: DiskSpec,
+    /// The disks clients may have, by export name.
+    pub exports: Catalog,
+    /// Where every export's images go.
+    pub tmpdir: PathBuf,
+    /// Print the exports and exit.
+    pub check_only: bool,
     pub handshake_timeout: Option<Duration>,
     pub reply_timeout: Option<Duration>,
     pub limits: ListenerLimits,
@@ -274,6 +315,12 @@ impl Config {
             }
             None => None,
         };
+        // Without SIZE (or a base) the command line has no disk: fine with
+        // an exports file, which then needs `default =` for the empty name.
+        let shaped = a.fs_type.is_some()
+            || a.label.is_some()
+            || !mkfs_options.is_empty()
+            || a.command.is_some();
         let size = match (a.size_arg.or(a.size_opt), &base) {
             (Some(size), Some(b)) if size < b.size() => {
                 return Err(format!(
@@ -283,8 +330,9 @@ impl Config {
                     human_size(b.size())
                 ));
             }
-            (Some(size), _) => size,
-            (None, Some(b)) => b.size(),
+            (Some(size), _) => Some(size),
+            (None, Some(b)) => Some(b.size()),
+            (None, None) if a.exports.is_some() && !shaped => None,
             (None, None) => {
                 return Err(
                     "the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)".into(),
@@ -338,21 +386,37 @@ impl Config {
                 verify_peer: a.tls_verify_peer,
             }),
         };
-        Ok(Config {
-            tls,
-            disk: DiskSpec {
+        let common = Common {
+            tmpdir: tmpdir.clone(),
+            min_free: a.min_free,
+            setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
+        };
+        let cli_disk = size.map(|size| {
+            common.disk(
                 size,
-                fs: FsSpec {
+                FsSpec {
                     fs_type,
                     label: a.label,
                     mkfs_options,
                     command: a.command,
                 },
                 base,
-                tmpdir,
-                min_free: a.min_free,
-                setup_timeout: (a.setup_timeout > 0).then(|| Duration::from_secs(a.setup_timeout)),
-            },
+            )
+        });
+        let exports = match (&a.exports, cli_disk) {
+            (Some(file), disk) => Catalog::load(file, disk, &common).map_err(|e| e.to_string())?,
+            (None, Some(disk)) => Catalog::single(disk),
+            (None, None) => {
+                return Err(
+                    "the disk SIZE is required (e.g. `tmpdisk 1G`, or TMPDISK_SIZE=1G)".into(),
+                );
+            }
+        };
+        Ok(Config {
+            tls,
+            exports,
+            tmpdir,
+            check_only: a.check_config,
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
             reply_timeout: (a.reply_timeout > 0).then(|| Duration::from_secs(a.reply_timeout)),
@@ -371,7 +435,7 @@ impl Config {
     /// Check that the tmpdir is a directory we can use. Listener modes fail
     /// at start on this; a single connection instead tells its client.
     pub fn check_tmpdir(&self) -> Result<(), String> {
-        let tmpdir = &self.disk.tmpdir;
+        let tmpdir = &self.tmpdir;
         match std::fs::metadata(tmpdir) {
             Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(format!("tmpdir {}: not a directory", tmpdir.display())),

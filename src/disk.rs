@@ -15,9 +15,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::base::Base;
 use crate::cli::{DiskSpec, human_size};
+use crate::exports::{Catalog, Shape};
 use crate::image::Image;
 use crate::mkfs::{self, SetupError};
-use crate::nbd::negotiate::{Exports, OpenError};
+use crate::nbd::negotiate::{Exports, OpenError, Purpose};
 use crate::nbd::storage::Storage;
 use crate::nbd::wire::REP_ERR_UNKNOWN;
 use crate::overlay::Overlay;
@@ -128,21 +129,34 @@ enum State {
     Abandoned,
 }
 
+/// The export name the client last asked for, and the disk it names.
+struct Chosen {
+    name: String,
+    shape: Shape,
+}
+
 /// One client's disk (see the module comment).
 pub struct Disk<'a> {
-    spec: &'a DiskSpec,
+    exports: &'a Catalog,
     /// The client's connection (read side), watched while mkfs runs.
     client: Option<OwnedFd>,
+    chosen: Option<Chosen>,
+    /// The last name refused, logged once however often the client asks
+    /// (libnbd asks INFO, then GO).
+    refused: Option<String>,
     state: State,
     mkfs_ms: u64,
 }
 
 impl<'a> Disk<'a> {
-    /// A disk made as `spec` says, for the client reading on `client`.
-    pub fn new(spec: &'a DiskSpec, client: Option<OwnedFd>) -> Self {
+    /// The disk one of `exports` that the client reading on `client` will
+    /// name.
+    pub fn new(exports: &'a Catalog, client: Option<OwnedFd>) -> Self {
         Disk {
-            spec,
+            exports,
             client,
+            chosen: None,
+            refused: None,
             state: State::Empty,
             mkfs_ms: 0,
         }
@@ -153,6 +167,11 @@ impl<'a> Disk<'a> {
             State::Ready(s) => Some(s),
             _ => None,
         }
+    }
+
+    /// What the client's export name resolved to, once it named one.
+    pub fn shape(&self) -> Option<&Shape> {
+        self.chosen.as_ref().map(|c| &c.shape)
     }
 
     /// The disk could not be built: the server failed (exit status 1).
@@ -170,22 +189,56 @@ impl<'a> Disk<'a> {
         self.mkfs_ms
     }
 
-    /// "ext4", "xfs"..., "command", or "base".
+    /// "ext4", "xfs", "swap", "none"..., "command", or "base"; "" before
+    /// the client named an export.
     pub fn kind(&self) -> &str {
-        match (&self.spec.base, &self.spec.fs.command) {
+        let Some(shape) = self.shape() else {
+            return "";
+        };
+        match (&shape.disk.base, &shape.disk.fs.command) {
             (Some(_), _) => "base",
             (None, Some(_)) => "command",
-            (None, None) => &self.spec.fs.fs_type,
+            (None, None) => &shape.disk.fs.fs_type,
         }
     }
 
     /// The base image's path, if there is one.
     pub fn base(&self) -> Option<&std::path::Path> {
-        self.spec.base.as_deref().map(Base::path)
+        self.shape()?.disk.base.as_deref().map(Base::path)
     }
 
-    fn build(&mut self, pipelined: bool) -> Result<Served, BuildError> {
-        let spec = self.spec;
+    /// Resolve `name` (refusing what the exports do not allow) unless it
+    /// is the name already resolved; a new name drops the disk built for
+    /// the last one.
+    fn choose(&mut self, name: &str) -> Result<(), OpenError> {
+        if self.chosen.as_ref().is_some_and(|c| c.name == name) {
+            return Ok(());
+        }
+        let shape = match self.exports.resolve(name) {
+            Ok(shape) => shape,
+            Err(r) => {
+                if self.refused.as_deref() != Some(name) {
+                    info!(export = %name, reason = %r.message, "export refused");
+                    self.refused = Some(name.to_string());
+                }
+                return Err(OpenError {
+                    reply: r.reply,
+                    message: r.message,
+                    refused: true,
+                });
+            }
+        };
+        if matches!(self.state, State::Ready(_) | State::Failed(_)) {
+            self.state = State::Empty;
+        }
+        self.chosen = Some(Chosen {
+            name: name.to_string(),
+            shape,
+        });
+        Ok(())
+    }
+
+    fn build(&mut self, spec: &DiskSpec, pipelined: bool) -> Result<Served, BuildError> {
         if let Some(limit) = sys::file_size_limit().filter(|&l| l < spec.size) {
             return Err(BuildError::FileSizeLimit {
                 size: spec.size,
@@ -323,10 +376,33 @@ fn check_free_space(spec: &DiskSpec) -> Result<(), BuildError> {
 }
 
 impl Exports for Disk<'_> {
-    fn open(&mut self, _name: &str, pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, name: &str, purpose: Purpose, pipelined: bool) -> Result<u64, OpenError> {
+        if matches!(self.state, State::Abandoned) {
+            return Err(OpenError {
+                reply: REP_ERR_UNKNOWN,
+                message: SetupError::ClientLeft.to_string(),
+                refused: false,
+            });
+        }
+        self.choose(name)?;
+        let Some(spec) = self.shape().map(|s| s.disk.clone()) else {
+            return Err(OpenError {
+                reply: REP_ERR_UNKNOWN,
+                message: "no export chosen".into(),
+                refused: false,
+            });
+        };
+        // INFO need not build: the size is known, unless a command makes
+        // the disk (it may resize it). `nbdinfo --list` asks every export.
+        if purpose == Purpose::Info
+            && spec.fs.command.is_none()
+            && matches!(self.state, State::Empty)
+        {
+            return Ok(spec.size);
+        }
         if let State::Empty = self.state {
             status::committed();
-            self.state = match self.build(pipelined) {
+            self.state = match self.build(&spec, pipelined) {
                 Ok(image) => {
                     status::ready(&format!("ready: {}", self.description()));
                     State::Ready(image)
@@ -360,29 +436,11 @@ impl Exports for Disk<'_> {
     }
 
     fn list(&self) -> Vec<(String, String)> {
-        vec![(String::new(), self.description())]
+        self.exports.list()
     }
 
     fn description(&self) -> String {
-        let spec = self.spec;
-        let size = human_size(self.served().map_or(spec.size, |s| s.storage().size()));
-        if let Some(base) = &spec.base {
-            let name = base.path().file_name().map_or_else(
-                || base.path().display().to_string(),
-                |n| n.to_string_lossy().into(),
-            );
-            return format!("fresh {size} copy of {name} per connection");
-        }
-        let label = match &spec.fs.label {
-            Some(l) => format!(" labelled {:?}", l.to_string_lossy()),
-            None => String::new(),
-        };
-        match spec.fs.command {
-            Some(_) => format!("fresh {size} disk prepared by a command, per connection"),
-            None => format!(
-                "fresh {size} {}{label} disk per connection",
-                spec.fs.fs_type
-            ),
-        }
+        self.shape()
+            .map_or_else(String::new, |s| s.description.clone())
     }
 }

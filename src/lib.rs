@@ -18,6 +18,8 @@ pub mod cli;
 pub mod conn;
 pub mod crash;
 pub(crate) mod disk;
+pub mod exportname;
+pub mod exports;
 pub mod image;
 pub mod listener;
 pub mod logging;

@@ -85,6 +85,9 @@ fn run() -> Result<ExitCode, StartError> {
         }
     };
     let cfg = Config::from_args(args).map_err(StartError::Usage)?;
+    if cfg.check_only {
+        return check_config(&cfg);
+    }
     logging::init(cfg.log_level);
     crash::install();
     if let Err(e) = ignore_sigxfsz().and_then(|_| set_not_dumpable()) {
@@ -119,5 +122,20 @@ fn run() -> Result<ExitCode, StartError> {
             listener::run(l, cfg.limits, &serve).map_err(StartError::Listener)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `--check-config`: what start-up checks, without serving; the exports
+/// as a table on stdout.
+fn check_config(cfg: &Config) -> Result<ExitCode, StartError> {
+    cfg.check_tmpdir().map_err(StartError::Usage)?;
+    if let Some(spec) = &cfg.tls {
+        tls::load(&spec.certificates, spec.verify_peer).map_err(StartError::Tls)?;
+    }
+    print!("{}", cfg.exports.table());
+    let missing = cfg.exports.missing_programs();
+    match missing.is_empty() {
+        true => Ok(ExitCode::SUCCESS),
+        false => Err(StartError::Usage(missing.join("\ntmpdisk: "))),
     }
 }

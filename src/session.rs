@@ -62,7 +62,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
     let started = Instant::now();
     conn.set_wait_budget(cfg.handshake_timeout);
     let watch = conn.read_fd().try_clone_to_owned().ok();
-    let mut disk = Disk::new(&cfg.disk, watch);
+    let mut disk = Disk::new(&cfg.exports, watch);
     let mut s = Stream::new(conn);
     debug!(%peer, "client connected");
     let policy = match (&cfg.tls, tls) {
@@ -159,11 +159,16 @@ impl Client<'_> {
         if let Err(e) = s.channel()?.conn().start_serving(self.reply_timeout) {
             return Err(Hangup::Server(format!("cannot set up the connection: {e}")));
         }
+        let shape = disk.shape();
         info!(
             %peer,
             export = %n.export_name,
+            serves = shape.map(|s| s.export.as_str()),
             size = n.size,
             fs_type = %disk.kind(),
+            label = shape
+                .and_then(|s| s.disk.fs.label.as_ref())
+                .map(|l| l.to_string_lossy().into_owned()),
             base = disk.base().map(|p| p.display().to_string()),
             copy = disk.base().map(|_| served.copy()),
             mkfs_ms = disk.mkfs_ms(),
@@ -173,7 +178,13 @@ impl Client<'_> {
             tls_subject = tls.subject(),
             "client served"
         );
-        status::status(&format!("serving {peer}: {}", disk.description()));
+        // What `systemctl status` shows: the export (admin-defined, so
+        // safe to print) and the disk the client got.
+        let export = match shape.map(|s| s.export.as_str()) {
+            Some("") | None => "the default export".to_string(),
+            Some(name) => format!("export {name}"),
+        };
+        status::status(&format!("serving {peer}, {export}: {}", disk.description()));
         if let Err(e) = sandbox::lock_down() {
             warn!(error = %e, "serving without a seccomp filter");
         }

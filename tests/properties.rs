@@ -1,7 +1,8 @@
 //! Property tests: size parsing against a reference model; block-status
 //! extents from `Image::extents` against a model of the file's holes; and
 //! structured read chunking over the real protocol code, on a real socket,
-//! against a model of the disk's bytes.
+//! against a model of the disk's bytes; export names against a model of an
+//! exports file's limits.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -11,13 +12,17 @@ use std::time::Duration;
 
 use crate::common::nbdraw::{self, Framing, Reply};
 use proptest::prelude::*;
-use tmpdisk::cli::parse_size;
+use tmpdisk::cli::{Common, FsSpec, MinFree, parse_size};
 use tmpdisk::conn::Conn;
+use tmpdisk::exports::{Catalog, Refusal};
 use tmpdisk::image::Image;
-use tmpdisk::nbd::negotiate::{Exports, NegotiationEnd, OpenError, Tls, handshake, negotiate};
+use tmpdisk::nbd::negotiate::{
+    Exports, NegotiationEnd, OpenError, Purpose, Tls, handshake, negotiate,
+};
 use tmpdisk::nbd::storage::{Extent, Storage};
 use tmpdisk::nbd::stream::{Channel, Stream};
 use tmpdisk::nbd::transmit::{Stats, serve};
+use tmpdisk::nbd::wire::{REP_ERR_POLICY, REP_ERR_UNKNOWN};
 
 // --- size parsing -----------------------------------------------------------------
 
@@ -335,7 +340,7 @@ impl Channel for Copying {}
 struct OneDisk(Option<Image>);
 
 impl Exports for OneDisk {
-    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _purpose: Purpose, _pipelined: bool) -> Result<u64, OpenError> {
         if self.0.is_none() {
             self.0 = Some(Image::create(&std::env::temp_dir(), DISK).unwrap().0);
         }
@@ -541,5 +546,189 @@ proptest! {
         c.write_all(&nbdraw::request(framing, 0, nbdraw::CMD_DISC, 1, 0, 0, &[])).unwrap();
         let ended = server.join().unwrap();
         prop_assert!(ended.is_ok(), "server: {:?}", ended);
+    }
+}
+
+// --- export names -------------------------------------------------------------------
+
+/// The catalog the export-name properties run against: a default export,
+/// one that lets clients choose (size up to 64 GiB, xfs or ext4, a label)
+/// and one that lets them choose nothing.
+fn name_catalog() -> &'static Catalog {
+    static CATALOG: std::sync::OnceLock<Catalog> = std::sync::OnceLock::new();
+    CATALOG.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tmpdisk-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let file = dir.join("exports.toml");
+        std::fs::write(
+            &file,
+            "[export.scratch]\nsize = \"8G\"\ntype = \"xfs\"\nmax-size = \"64G\"\n\
+             types = [\"xfs\", \"ext4\"]\nlabels = true\n\n\
+             [export.fixed]\nsize = \"512M\"\ntype = \"vfat\"\n",
+        )
+        .expect("write");
+        let common = Common {
+            tmpdir: "/var/tmp".into(),
+            min_free: MinFree::Bytes(0),
+            setup_timeout: None,
+        };
+        let cli = common.disk(
+            1 << 30,
+            FsSpec {
+                fs_type: "ext4".into(),
+                label: None,
+                mkfs_options: vec![],
+                command: None,
+            },
+            None,
+        );
+        let catalog = Catalog::load(&file, Some(cli), &common).expect("loads");
+        let _ = std::fs::remove_dir_all(&dir);
+        catalog
+    })
+}
+
+/// What a client may write: an export, and any of the three choices.
+#[derive(Debug, Clone)]
+struct NameModel {
+    export: &'static str,
+    size: Option<u64>,
+    fs_type: Option<&'static str>,
+    label: Option<String>,
+}
+
+impl NameModel {
+    fn text(&self) -> String {
+        let mut choices = Vec::new();
+        if let Some(s) = self.size {
+            choices.push(format!("size={s}"));
+        }
+        if let Some(t) = self.fs_type {
+            choices.push(format!("type={t}"));
+        }
+        if let Some(l) = &self.label {
+            choices.push(format!("label={l}"));
+        }
+        match choices.is_empty() {
+            true => self.export.to_string(),
+            false => format!("{}:{}", self.export, choices.join(":")),
+        }
+    }
+
+    /// (size, type, label) the disk must have, or None if it is refused;
+    /// written from the catalog's definition, not from its code.
+    fn expected(&self) -> Option<(u64, String, Option<String>)> {
+        let (size, fs_type, may_choose) = match self.export {
+            "" => (1 << 30, "ext4", false),
+            "scratch" => (8 << 30, "xfs", true),
+            "fixed" => (512 << 20, "vfat", false),
+            _ => return None,
+        };
+        let chose = self.size.is_some() || self.fs_type.is_some() || self.label.is_some();
+        if chose && !may_choose {
+            return None;
+        }
+        let size = self.size.unwrap_or(size);
+        let fs_type = self.fs_type.unwrap_or(fs_type);
+        let label_max = if fs_type == "xfs" { 12 } else { 16 };
+        let ok = !chose
+            || size <= 64 << 30
+                && ["xfs", "ext4"].contains(&fs_type)
+                && self.label.as_ref().is_none_or(|l| l.len() <= label_max);
+        ok.then(|| (size, fs_type.to_string(), self.label.clone()))
+    }
+}
+
+fn name_model() -> impl Strategy<Value = NameModel> {
+    (
+        prop_oneof![Just(""), Just("scratch"), Just("fixed"), Just("other")],
+        proptest::option::of(prop_oneof![
+            1u64..=1 << 40,
+            (1u64..=128).prop_map(|g| g << 30)
+        ]),
+        proptest::option::of(prop_oneof![
+            Just("xfs"),
+            Just("ext4"),
+            Just("btrfs"),
+            Just("vfat")
+        ]),
+        proptest::option::of("[A-Za-z0-9._-]{1,20}"),
+    )
+        .prop_map(|(export, size, fs_type, label)| NameModel {
+            export,
+            size,
+            fs_type,
+            label,
+        })
+}
+
+/// A refusal tells the client what is allowed, in printable text.
+fn check_refusal(name: &str, r: &Refusal) -> Result<(), TestCaseError> {
+    prop_assert!(
+        r.reply == REP_ERR_UNKNOWN || r.reply == REP_ERR_POLICY,
+        "{name:?}: reply {:#x}",
+        r.reply
+    );
+    prop_assert!(!r.message.is_empty(), "{name:?}: an empty message");
+    prop_assert!(
+        !r.message.chars().any(char::is_control),
+        "{name:?}: control characters reach the message {:?}",
+        r.message
+    );
+    prop_assert!(
+        r.message.len() <= 1024,
+        "{name:?}: {} bytes",
+        r.message.len()
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Names built from the grammar get exactly the disk the catalog's
+    /// limits allow, or a refusal.
+    #[test]
+    fn export_names_get_the_allowed_shape_or_a_refusal(m in name_model()) {
+        let name = m.text();
+        match (name_catalog().resolve(&name), m.expected()) {
+            (Ok(shape), Some((size, fs_type, label))) => {
+                prop_assert_eq!(shape.disk.size, size, "{:?}", name);
+                prop_assert_eq!(&shape.disk.fs.fs_type, &fs_type, "{:?}", name);
+                prop_assert_eq!(
+                    shape.disk.fs.label.map(|l| l.to_string_lossy().into_owned()),
+                    label,
+                    "{:?}", name
+                );
+            }
+            (Err(r), None) => check_refusal(&name, &r)?,
+            (got, want) => prop_assert!(false, "{name:?}: got {got:?}, the model says {want:?}"),
+        }
+    }
+
+    /// Any text at all (what a hostile client sends, up to the protocol's
+    /// 4096 bytes) gets one of the catalog's shapes or a printable refusal,
+    /// never a panic.
+    #[test]
+    fn any_export_name_gets_a_shape_or_a_clear_refusal(name in prop_oneof![
+        ".{0,64}",
+        "[a-z:=,.0-9]{0,64}",
+        "(scratch|fixed)?:[a-z=,:0-9GM]{0,40}",
+        proptest::collection::vec(any::<char>(), 0..1100).prop_map(|v| v.into_iter().collect::<String>()),
+    ]) {
+        let name: String = name.replace('\0', "");
+        match name_catalog().resolve(&name) {
+            Ok(shape) => {
+                let d = &shape.disk;
+                prop_assert!(d.size <= 64 << 30, "{name:?}: {}", d.size);
+                prop_assert!(["ext4", "xfs", "vfat"].contains(&d.fs.fs_type.as_str()), "{name:?}");
+                if let Some(l) = &d.fs.label {
+                    prop_assert!(l.len() <= 16 && l.to_str().is_some_and(|l| l
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))), "{name:?}");
+                }
+            }
+            Err(r) => check_refusal(&name, &r)?,
+        }
     }
 }

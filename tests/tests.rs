@@ -18,6 +18,7 @@ mod heavy;
 mod io;
 mod lifecycle;
 mod mkfs;
+mod named_exports;
 mod properties;
 mod tls;
 mod write_accounting;

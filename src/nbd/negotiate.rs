@@ -35,15 +35,25 @@ pub struct OpenError {
     pub refused: bool,
 }
 
+/// Why negotiation asks for an export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// NBD_OPT_INFO: its size and description; the disk need not exist
+    /// yet (`nbdinfo --list` asks this of every export).
+    Info,
+    /// NBD_OPT_GO or NBD_OPT_EXPORT_NAME: the disk, to be served.
+    Serve,
+}
+
 /// What negotiation needs from whatever serves the export.
 pub trait Exports {
-    /// Build the disk the export name `name` asks for and return its size;
-    /// a later call for the same name returns the same disk (INFO then GO
-    /// must not build twice), another name replaces it. `pipelined`: the
-    /// client has already sent more than this option, so an end of its
-    /// input during the build is not a goodbye (it may have half-closed
-    /// and still want the replies).
-    fn open(&mut self, name: &str, pipelined: bool) -> Result<u64, OpenError>;
+    /// The size of the disk the export name `name` asks for; for
+    /// `Purpose::Serve`, build it first. A later call for the same name
+    /// returns the same disk (INFO then GO must not build twice), another
+    /// name replaces it. `pipelined`: the client has already sent more than
+    /// this option, so an end of its input during the build is not a
+    /// goodbye (it may have half-closed and still want the replies).
+    fn open(&mut self, name: &str, purpose: Purpose, pipelined: bool) -> Result<u64, OpenError>;
     /// What the disk `open` last returned is, for NBD_INFO_DESCRIPTION.
     fn description(&self) -> String;
     /// Every export as (name, description), for NBD_OPT_LIST.
@@ -241,10 +251,16 @@ fn haggle<C: Channel, E: Exports>(
                 // EXPORT_NAME has no way to report an error: hang up.
                 let name = export_name(&data).map_err(|why| Hangup::Protocol(why.into()))?;
                 let pipelined = o.s.has_pending_input();
-                let size = exports.open(name, pipelined).map_err(|e| match e.refused {
-                    true => Hangup::Protocol(format!("NBD_OPT_EXPORT_NAME refused: {}", e.message)),
-                    false => Hangup::Server(e.message),
-                })?;
+                let size =
+                    exports
+                        .open(name, Purpose::Serve, pipelined)
+                        .map_err(|e| match e.refused {
+                            true => Hangup::Protocol(format!(
+                                "NBD_OPT_EXPORT_NAME refused: {}",
+                                e.message
+                            )),
+                            false => Hangup::Server(e.message),
+                        })?;
                 let n = agreed(&st, name, size);
                 let mut reply = Vec::with_capacity(134);
                 reply.u64(size).u16(n.flags);
@@ -304,7 +320,11 @@ fn haggle<C: Channel, E: Exports>(
                     }
                 };
                 let pipelined = o.s.has_pending_input();
-                let size = match exports.open(name, pipelined) {
+                let purpose = match h.option {
+                    OPT_GO => Purpose::Serve,
+                    _ => Purpose::Info,
+                };
+                let size = match exports.open(name, purpose, pipelined) {
                     Ok(size) => size,
                     Err(e) => {
                         o.error(e.reply, &e.message)?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::error::Hangup;
 use super::negotiate::{
-    Exports, MAX_OPTIONS, NegotiationEnd, OpenError, Replies, Tls, handshake, negotiate,
+    Exports, MAX_OPTIONS, NegotiationEnd, OpenError, Purpose, Replies, Tls, handshake, negotiate,
 };
 use super::storage::{Extent, Received, Storage, ZeroCopy};
 use super::stream::{Channel, Stream};
@@ -189,7 +189,7 @@ impl TestExports {
 }
 
 impl Exports for TestExports {
-    fn open(&mut self, _name: &str, _pipelined: bool) -> Result<u64, OpenError> {
+    fn open(&mut self, _name: &str, _purpose: Purpose, _pipelined: bool) -> Result<u64, OpenError> {
         if let Some(m) = &self.fail {
             return Err(OpenError {
                 reply: REP_ERR_UNKNOWN,

@@ -22,13 +22,23 @@ impl KernelMount {
     /// Connect to the `--unix` server at `socket`, and mount its disk at
     /// `dir/<name>-mnt`.
     pub fn new(dir: &TestDir, name: &str, socket: &Path) -> KernelMount {
+        Self::with_export(dir, name, socket, "")
+    }
+
+    /// Like [`KernelMount::new`], asking for the export `export_name`
+    /// (which goes into qemu's option syntax as it is: no commas).
+    pub fn with_export(dir: &TestDir, name: &str, socket: &Path, export_name: &str) -> KernelMount {
         require_root("it mounts a loop device");
+        assert!(
+            !export_name.contains(','),
+            "test bug: {export_name:?} in qemu's option syntax"
+        );
         require(&["qemu-storage-daemon", "losetup"]);
         let export = dir.join(&format!("{name}-export"));
         fs::write(&export, b"").unwrap();
         let mountpoint = dir.subdir(&format!("{name}-mnt"));
         let blockdev = format!(
-            "driver=nbd,node-name=n0,server.type=unix,server.path={},discard=unmap",
+            "driver=nbd,node-name=n0,server.type=unix,server.path={},discard=unmap,export={export_name}",
             socket.display()
         );
         let fuse = format!(

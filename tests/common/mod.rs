@@ -325,14 +325,13 @@ impl Proc {
     /// Waits for the process to exit (failing the test after [`DEADLINE`]),
     /// then for its output to be complete.
     pub fn wait(&mut self) -> ExitStatus {
-        let status = self.wait_timeout(DEADLINE).unwrap_or_else(|| {
+        self.wait_timeout(DEADLINE).unwrap_or_else(|| {
             panic!(
                 "{} did not exit within {DEADLINE:?}\n{}",
                 self.name,
                 self.describe()
             )
-        });
-        status
+        })
     }
 
     /// Waits for the output readers to reach end of file. The pipes close

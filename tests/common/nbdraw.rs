@@ -76,8 +76,18 @@ pub enum GoReply {
 /// Sends NBD_OPT_GO for the default export ("") and reads the replies up to
 /// the ACK or the error.
 pub fn opt_go<S: Read + Write>(s: &mut S) -> io::Result<GoReply> {
-    // name length 0, no name, 0 information requests
-    send_option(s, OPT_GO, &[0, 0, 0, 0, 0, 0])?;
+    opt_go_name(s, b"")
+}
+
+/// Sends NBD_OPT_GO for the export `name` (any bytes: the test may send
+/// what no real client would) and reads the replies up to the ACK or the
+/// error.
+pub fn opt_go_name<S: Read + Write>(s: &mut S, name: &[u8]) -> io::Result<GoReply> {
+    // name length, name, 0 information requests
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name);
+    data.extend_from_slice(&[0, 0]);
+    send_option(s, OPT_GO, &data)?;
     let mut export = None;
     loop {
         let magic = read_u64(s)?;

@@ -24,6 +24,7 @@ type Target = fn(&[u8]);
 const TARGETS: &[(&str, Target)] = &[
     ("option_phase", harness::option_phase),
     ("request_phase", harness::request_phase),
+    ("export_name", harness::export_name),
 ];
 
 fn fuzz_dir() -> PathBuf {

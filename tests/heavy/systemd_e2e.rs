@@ -203,6 +203,7 @@ fn end_to_end(format: Format) {
     check_journal(&ct, 3);
     check_cgroup_ends_what_setup_left(&ct, port);
     check_golden_image(&ct, &uri);
+    check_named_exports(&ct, &uri);
 
     // The Unix socket of the drop-in serves the same way (seen from the
     // host through the container's root).
@@ -398,6 +399,7 @@ fn check_installed_files(ct: &Container, format: Format) {
         "usr/lib/systemd/system/tmpdisk@.service",
         "usr/lib/systemd/system/tmpdisk.slice",
         "etc/tmpdisk/tmpdisk.conf",
+        "etc/tmpdisk/exports.toml",
         "usr/share/man/man8/tmpdisk.8.gz",
         "usr/share/bash-completion/completions/tmpdisk",
         "usr/share/fish/vendor_completions.d/tmpdisk.fish",
@@ -423,10 +425,12 @@ fn check_installed_files(ct: &Container, format: Format) {
         Format::Deb => ct.out(&["dpkg-query", "-W", "-f=${Conffiles}", "tmpdisk"]),
         Format::Rpm => ct.out(&["rpm", "-qc", "tmpdisk"]),
     };
-    assert!(
-        conffiles.contains("/etc/tmpdisk/tmpdisk.conf"),
-        "the conf file must be a config file of the package: {conffiles:?}"
-    );
+    for file in ["/etc/tmpdisk/tmpdisk.conf", "/etc/tmpdisk/exports.toml"] {
+        assert!(
+            conffiles.contains(file),
+            "{file} must be a config file of the package: {conffiles:?}"
+        );
+    }
 }
 
 /// `systemd-analyze verify` prints nothing (warnings count) and the
@@ -754,6 +758,142 @@ fn check_golden_image(ct: &Container, uri: &str) {
         || ct.instances().is_empty().then_some(()),
     );
     fs::write(&conf, saved).unwrap();
+}
+
+/// Named exports from the packaged exports file, turned on the way
+/// tmpdisk.conf says: `--check-config` in the container prints them, and
+/// two clients at once get two different kinds of disk, one of them with
+/// the size and label it chose; `systemctl status` and the journal name
+/// the export and the shape.
+fn check_named_exports(ct: &Container, uri: &str) {
+    let exports = ct.host_path("etc/tmpdisk/exports.toml");
+    let shipped = fs::read_to_string(&exports).unwrap();
+    assert!(
+        shipped.contains("# [export.scratch]") && shipped.contains("# [export.swap]"),
+        "the packaged exports.toml has commented examples"
+    );
+    fs::write(
+        &exports,
+        format!(
+            "{shipped}\n[export.scratch]\nsize = \"96M\"\nmax-size = \"256M\"\nlabels = true\n\n\
+             [export.swap]\nsize = \"100M\"\ntype = \"swap\"\n"
+        ),
+    )
+    .unwrap();
+    let conf = ct.host_path("etc/tmpdisk/tmpdisk.conf");
+    let saved = fs::read_to_string(&conf).unwrap();
+    assert!(saved.contains("#TMPDISK_EXPORTS=/etc/tmpdisk/exports.toml"));
+    fs::write(
+        &conf,
+        format!("{saved}TMPDISK_EXPORTS=/etc/tmpdisk/exports.toml\n"),
+    )
+    .unwrap();
+    let table = ct.ok(&[
+        "tmpdisk",
+        "--check-config",
+        "--tmpdir",
+        "/var/tmp",
+        "--exports",
+        "/etc/tmpdisk/exports.toml",
+        "1G",
+    ]);
+    let rows: Vec<String> = table
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r == "scratch 96 MiB ext4 size<=256 MiB label")
+            && rows.iter().any(|r| r == "swap 100 MiB swap -"),
+        "{}",
+        table.describe()
+    );
+
+    let mut a = Client::connect(&format!("{uri}/scratch:size=200M:label=named-a"), "named A");
+    let mut b = Client::connect(&format!("{uri}/swap"), "named B");
+    assert_eq!((a.size, a.magic), (200 << 20, 0xef53), "the chosen ext4");
+    assert_eq!(b.size, 100 << 20, "the swap disk");
+    let units = wait_until("two named instances", Duration::from_secs(30), || {
+        let units = ct.running_instances();
+        (units.len() == 2).then_some(units)
+    });
+    let mut statuses: Vec<String> = units
+        .iter()
+        .map(|u| ct.show(u, &["StatusText"])["StatusText"].clone())
+        .collect();
+    statuses.sort();
+    assert!(
+        statuses[0].contains(", export scratch: 200 MiB ext4 disk labelled \"named-a\"")
+            && statuses[1].contains(", export swap: 100 MiB swap disk"),
+        "systemctl status names the export and the disk: {statuses:?}"
+    );
+    assert_eq!(a.request("check"), "marker=named A");
+    assert_eq!(b.request("check"), "marker=named B");
+    assert_eq!(a.request("bye"), "bye");
+    assert_eq!(b.request("bye"), "bye");
+    a.wait_exit();
+    b.wait_exit();
+    let served = wait_until(
+        "the named clients' records",
+        Duration::from_secs(30),
+        || {
+            let named: Vec<BTreeMap<String, String>> = ct
+                .journal()
+                .into_iter()
+                .filter(|e| {
+                    // The default export's records have an empty SERVES.
+                    e.get("MESSAGE").map(String::as_str) == Some("client served")
+                        && e.iter()
+                            .any(|(k, v)| k.ends_with("SERVES") && !v.is_empty())
+                })
+                .collect();
+            (named.len() >= 2).then_some(named)
+        },
+    );
+    let field = |e: &BTreeMap<String, String>, name: &str| {
+        e.get(name)
+            .or_else(|| e.get(&format!("F_{name}")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut seen: Vec<(String, String, String, String)> = served
+        .iter()
+        .map(|e| {
+            (
+                field(e, "SERVES"),
+                field(e, "EXPORT"),
+                field(e, "FS_TYPE"),
+                field(e, "LABEL"),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "scratch".to_string(),
+                "scratch:size=200M:label=named-a".to_string(),
+                "ext4".to_string(),
+                "named-a".to_string()
+            ),
+            (
+                "swap".to_string(),
+                "swap".to_string(),
+                "swap".to_string(),
+                String::new()
+            ),
+        ],
+        "the journal names the export and the shape"
+    );
+    wait_until(
+        "the named instances to be gone",
+        Duration::from_secs(30),
+        || ct.instances().is_empty().then_some(()),
+    );
+    fs::write(&conf, saved).unwrap();
+    fs::write(&exports, shipped).unwrap();
 }
 
 fn check_removed(ct: &Container, format: Format, port: u16) {
