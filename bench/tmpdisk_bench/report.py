@@ -41,10 +41,11 @@ def summarize(rows, runs):
         if r.peers:
             out.append(summarize_golden(r, runs))
             continue
-        tv = [run[r.id].get("tmpdisk", (None,))[0] for run in runs]
-        nv = [run[r.id].get("nbdkit", (None,))[0] for run in runs]
+        a, b = r.pair  # tmpdisk and nbdkit; the named row: chosen and fixed
+        tv = [run[r.id].get(a, (None,))[0] for run in runs]
+        nv = [run[r.id].get(b, (None,))[0] for run in runs]
         ratios = [t / n for t, n in zip(tv, nv) if t is not None and n]
-        failed = any(run[r.id].get("tmpdisk", (None, {}))[1].get("failed") for run in runs)
+        failed = any(run[r.id].get(a, (None, {}))[1].get("failed") for run in runs)
         tmed, nmed, rmed = median(tv), median(nv), median(ratios)
         met = r.met(tmed, rmed)
         met = None if met is None else ("yes" if met else "NO")
@@ -52,7 +53,7 @@ def summarize(rows, runs):
             met += " (target is for 16G)"
         out.append({
             "id": r.id, "label": r.label, "unit": r.unit, "better": r.better,
-            "tmpdisk": tmed, "nbdkit": nmed, "ratio": rmed,
+            a: tmed, b: nmed, "pair": r.pair, "ratio": rmed,
             "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
             "runs_with_ratio": len(ratios), "target": r.target_text, "absolute_target": r.absolute,
             "met": "FAIL (data)" if failed else met, "info": r.info,
@@ -86,24 +87,27 @@ def summarize_golden(r, runs):
             "met": "FAIL (data)" if failed else met, "info": r.info}
 
 
-def table(summary, repeat, markdown):
-    """The tmpdisk/nbdkit rows (the golden ones have a table of their own)."""
-    summary = [s for s in summary if "peers" not in s]
+def table(summary, repeat, markdown, pair=("tmpdisk", "nbdkit")):
+    """The rows whose ratio is of these two columns: tmpdisk/nbdkit, or the
+    named row's chosen/fixed (the golden ones have a table of their own)."""
+    summary = [s for s in summary if s.get("pair") == pair]
+    a, b = pair
+    ratio = "ratio %s/%s" % (a[0], b[0])
     spread = repeat > 1
-    head = ["row", "unit", "better", "tmpdisk", "nbdkit", "ratio t/n"]
+    head = ["row", "unit", "better", a, b, ratio]
     if spread:
         head.append("ratio min–max")
     head += ["target", "met"]
     lines = []
     for s in summary:
-        cells = [s["label"], s["unit"], s["better"], fmt(s["tmpdisk"], s["unit"]),
-                 fmt(s["nbdkit"], s["unit"]), fmt_ratio(s["ratio"])]
+        cells = [s["label"], s["unit"], s["better"], fmt(s[a], s["unit"]),
+                 fmt(s[b], s["unit"]), fmt_ratio(s["ratio"])]
         if spread:
             cells.append("%s–%s" % (fmt_ratio(s["ratio_min"]).rstrip("×"), fmt_ratio(s["ratio_max"]))
                          if s["ratio_min"] is not None else "-")
         cells += [s["target"] + (" (tmpdisk)" if s["absolute_target"] else ""), s["met"] or ("-" if s["info"] else "?")]
         lines.append(cells)
-    return render(head, lines, {"tmpdisk", "nbdkit", "ratio t/n", "ratio min–max"}, markdown)
+    return render(head, lines, {a, b, ratio, "ratio min–max"}, markdown)
 
 
 def golden_table(summary, repeat, markdown):
@@ -146,22 +150,25 @@ def render(head, lines, right, markdown):
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(c) for c in lines])
 
 
-def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True):
-    """nbdkit_rows: rows against nbdkit were selected; cfg.golden is set
-    when golden rows were."""
+def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False):
+    """nbdkit_rows: rows against nbdkit were selected; named: the named
+    row was; cfg.golden is set when golden rows were."""
     st, work, g = cfg.settings, cfg.work, cfg.golden
     mode = "quick" if st.quick else "full"
     title = ", ".join(([] if not nbdkit_rows else ["tmpdisk vs nbdkit tmpdisk"])
                       + ([] if not g else ["%stmpdisk --base vs qemu-nbd --snapshot and nbd-server copyonwrite"
-                                           % ("and " if nbdkit_rows else "")]))
+                                           % ("and " if nbdkit_rows else "")])
+                      + ([] if not named else ["%stmpdisk: a disk chosen by export name vs a fixed export"
+                                               % ("and " if nbdkit_rows or g else "")]))
     peers = ([ver["nbdkit"]] if nbdkit_rows else []) + ([ver["qemu-nbd"], ver["nbd-server"]] if g else [])
     lines = [
         "%s, %s, %s run%s" % (title, date, mode, ", median of %d repeats" % repeat if repeat > 1 else ""),
         "machine: %s, %d cores, kernel %s, %.1f GiB RAM, load %.2f %.2f %.2f at start" % (
             mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], *mach["load_start"]),
-        "tmpdisk %s (git %s, built %s)%s; %s; libnbd %s; %s" % (
+        "; ".join(["tmpdisk %s (git %s, built %s)%s" % (
             ver["tmpdisk"].split()[-1], ver["tmpdisk_git"], work.tmpdisk_built,
-            " [binary older than src/: rebuild!]" if work.stale else "", "; ".join(peers), ver["libnbd"], ver["fio"]),
+            " [binary older than src/: rebuild!]" if work.stale else "")]
+            + peers + ["libnbd %s" % ver["libnbd"], ver["fio"]]),
     ]
     if nbdkit_rows:
         lines += [
@@ -170,6 +177,15 @@ def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True):
             % (work.scratch_where, work.scratch_fs),
             "ratio = tmpdisk/nbdkit; connect: median of %d; seq: %d run(s), 1 GiB each; fio %gs per job; "
             "%d clients" % (st.runs, st.seq_runs, st.fio_runtime, st.clients),
+        ]
+    if named:
+        lines += [
+            "named: one tmpdisk --exports FILE -t ext4 1G under systemd-socket-activate --accept on 127.0.0.1 "
+            "(a process per client), images in %s (%s); FILE: export scratch (1G ext4; clients may choose "
+            "max-size 16G, types xfs|ext4, labels) and export xfs16 (16G xfs)" % (work.scratch_where, work.scratch_fs),
+            "named: ratio = chosen/fixed; chosen = nbd://…/scratch:size=16G:type=xfs, fixed = nbd://…/xfs16; "
+            "connect: median of %d each (after a warm-up connect each), the order alternating between repeats"
+            % st.runs,
         ]
     if g:
         lines += [
@@ -201,7 +217,7 @@ def ceilings_text(calib, summary):
             continue
         ws = [x for c in samples for x in c["write_samples"]]
         w, r = median(ws), median([x for c in samples for x in c["read_samples"]])
-        n = {s["id"]: s["nbdkit"] for s in summary}.get(tr + ".seq_write")
+        n = {s["id"]: s.get("nbdkit") for s in summary}.get(tr + ".seq_write")
         rel = " = %.2f× nbdkit tmpdisk's" % (w / n) if n else ""
         parts.append("%s (%d runs) write %.0f MB/s%s (read %.0f MB/s, no bound)" % (tr, len(ws), w, rel, r))
     if not parts:

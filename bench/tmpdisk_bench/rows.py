@@ -1,6 +1,6 @@
 """The table's rows: their ids, labels, units, better direction and
-targets (issue 4; the golden rows: issue 11), the groups --only accepts,
-and choosing rows."""
+targets (issue 4; the golden rows: issue 11; the named row: named
+exports), the groups --only accepts, and choosing rows."""
 
 import fnmatch
 import sys
@@ -10,6 +10,8 @@ from .common import MiB, size_str
 # the golden rows' peers, each measured once per repeat and shown in the rows of both tmpdisk paths
 GOLDEN_PEERS = ("qemu-nbd", "nbd-server")
 GOLDEN_PATHS = ("clone", "overlay")
+# the named row's two columns: the export a client shapes by name, and the fixed one of the same shape
+NAMED_PAIR = ("chosen", "fixed")
 
 
 class Row:
@@ -17,13 +19,16 @@ class Row:
     bound the ratio tmpdisk/nbdkit must meet, or with absolute=True the bound
     tmpdisk's own value must meet (in the row's unit).  A golden row has
     peers instead of nbdkit: its ratio is tmpdisk / the faster (better)
-    peer."""
+    peer.  pair: the two columns of the ratio (value / reference).  optin:
+    the group of an opt-in row ("golden", "named"), which only a pattern
+    naming that group selects (select_rows)."""
 
     def __init__(self, rid, label, unit, better, target, absolute=False, target_text=None, info=False,
-                 peers=None):
+                 peers=None, pair=("tmpdisk", "nbdkit"), optin=None):
         self.id, self.label, self.unit, self.better = rid, label, unit, better
         self.target, self.absolute, self.info = target, absolute, info
-        self.peers = peers
+        self.peers, self.pair = peers, pair
+        self.optin = optin or ("golden" if peers else None)
         if info:
             target_text = "(for comparison)"
         op = "≤" if better == "lower" else "≥"
@@ -77,7 +82,7 @@ def build_rows(settings):
         Row("tls.seq_write", "TLS: seq write 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
         Row("tls.seq_read", "TLS: seq read-back 1G (256K ×16)", "MB/s", "higher", 1.0, info=True),
     ]
-    return rows + golden_rows(settings)
+    return rows + golden_rows(settings) + named_rows()
 
 
 def golden_rows(settings):
@@ -109,6 +114,15 @@ def golden_rows(settings):
     return rows
 
 
+def named_rows():
+    """Named exports: a 16G xfs disk that the client chooses by export name
+    (scratch:size=16G:type=xfs) against a fixed 16G xfs export, on the same
+    server.  Choosing must cost nothing: within 10 %.  Opt-in (--only
+    named): it compares tmpdisk with itself, not with nbdkit."""
+    return [Row("named.connect_16G_xfs", "named: connect-to-ready xfs 16G, chosen by name vs fixed export",
+                "ms", "lower", 1.1, pair=NAMED_PAIR, optin="named")]
+
+
 GROUPS = {
     "latency": ["*.connect_*"],
     "connect": ["*.connect_*"],
@@ -124,15 +138,17 @@ GROUPS = {
     "tls": ["tls.*"],
     "io": ["*.seq_*", "*.empty_*", "*.rand*"],
     "golden": ["golden.*"],
+    "named": ["named.*"],
 }
 
 
 def select_rows(rows, only, golden=False):
-    """The rows --only names (all without it).  The golden rows are opt-in:
-    only a pattern that starts with "golden" (the group, an id, a glob)
-    picks them, or golden=True (--golden) adds them all."""
+    """The rows --only names (all without it).  The opt-in rows (golden,
+    named) are picked only by a pattern that starts with their group's name
+    (the group, an id, a glob), so `--only connect` stays tmpdisk against
+    nbdkit; golden=True (--golden) adds all golden rows."""
     if not only:
-        return [r for r in rows if golden or not r.peers]
+        return [r for r in rows if not r.optin or (golden and r.optin == "golden")]
     pats = []
     for w in only.split(","):
         w = w.strip()
@@ -144,8 +160,8 @@ def select_rows(rows, only, golden=False):
             pats.append(w)
         else:
             pats.append("*." + w)
-    picked = [r for r in rows if (golden and r.peers) or any(
-        fnmatch.fnmatchcase(r.id, p) for p in pats if p.startswith("golden") or not r.peers)]
+    picked = [r for r in rows if (golden and r.optin == "golden") or any(
+        fnmatch.fnmatchcase(r.id, p) for p in pats if not r.optin or p.startswith(r.optin))]
     if not picked:
         sys.exit("bench/run: --only %r selects no row (see --list)" % only)
     return picked

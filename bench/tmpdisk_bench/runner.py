@@ -1,8 +1,10 @@
 """One whole comparison: which server configurations (transport, size,
 type) the selected rows need and which workloads run on each; every
 configuration is started fresh on both servers, in alternating order.
-Then the golden rows: tmpdisk --base on each path and both peers, each
-started fresh, in an order that rotates from one repeat to the next."""
+Then the named row: one tmpdisk with an exports file, its chosen and its
+fixed export in an order that alternates between repeats.  Then the golden
+rows: tmpdisk --base on each path and both peers, each started fresh, in
+an order that rotates from one repeat to the next."""
 
 import subprocess
 
@@ -11,7 +13,9 @@ import nbd
 from .common import GiB, BenchError, log, size_str
 from .report import fmt
 from .rows import GOLDEN_PATHS, GOLDEN_PEERS
-from .workloads import settle, w_clients, w_connect, w_empty, w_fio, w_golden_disk, w_golden_seq, w_seq
+from .servers import NAMED_CLIENTS, NAMED_SHAPE
+from .workloads import (settle, w_clients, w_connect, w_empty, w_fio, w_golden_disk, w_golden_seq,
+                        w_named_connect, w_seq)
 
 SERVERS = ("tmpdisk", "nbdkit")
 
@@ -90,8 +94,36 @@ def run_once(cfg, servers, rows, rep, res):
                     for rid in ids:
                         if rid in res:
                             res[rid][name] = (None, {"error": str(e).splitlines()[0]})
+    for r in rows:
+        if r.optin == "named":
+            run_named(cfg, servers, r, rep, res)
     if any(r.peers for r in rows):
         run_golden(cfg, servers, [r for r in rows if r.peers], rep, res)
+
+
+def run_named(cfg, servers, row, rep, res):
+    """The named row: one tmpdisk started as for the tcp rows, with an
+    exports file (servers.NAMED_EXPORTS) and the usual 1G ext4 default;
+    connect-to-ready of each column's export (row.pair: chosen by name,
+    fixed) on that same server, one after the other, the first alternating
+    between repeats so that drift does not favour one."""
+    order = row.pair if rep % 2 == 0 else row.pair[::-1]
+    log("tmpdisk-named: tcp 1G ext4 --exports: connect %s" % ", ".join(
+        "%s (%s)" % (col, NAMED_CLIENTS[col]) for col in order))
+    try:
+        with servers.start(cfg, "tmpdisk-named", "named", GiB, "ext4") as srv:
+            for col in order:
+                try:
+                    got = w_named_connect(srv, cfg, row.id, NAMED_CLIENTS[col], NAMED_SHAPE)
+                except (BenchError, nbd.Error, OSError, subprocess.SubprocessError) as e:
+                    log("tmpdisk-named %s failed: %s" % (col, e))
+                    got = {row.id: (None, {"error": str(e)})}
+                res[row.id][col] = got[row.id]
+                log("  %-24s %-7s %s" % (row.id, col, fmt(got[row.id][0])))
+    except BenchError as e:  # it did not start
+        log(str(e))
+        for col in row.pair:
+            res[row.id][col] = (None, {"error": str(e).splitlines()[0]})
 
 
 # the golden workloads, in the order they run on each server, and the measures (row id tails) of each

@@ -2,7 +2,8 @@
 nbdkit's null plugin (the ceiling), each for one transport, size and type;
 and for the golden rows (transport "golden"), tmpdisk --base on its two
 paths (tmpdisk-overlay, tmpdisk-clone), qemu-nbd --snapshot and nbd-server
-with copyonwrite.  A Servers object owns every server of a run: each is
+with copyonwrite; and for the named row (transport "named"), tmpdisk with
+an exports file.  A Servers object owns every server of a run: each is
 stopped when its `with` block ends, and whatever is still running when the
 Servers block ends (an exception, Ctrl-C, SIGTERM, a stop cut short) is
 stopped then."""
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from .common import BenchError, log, size_str, uninterrupted
+from .common import GiB, BenchError, log, size_str, uninterrupted
 from .config import SERVER_PATH
 from .nbdclient import connect, disconnect
 from .procs import comm, proc_state, start_time, tree
@@ -27,6 +28,23 @@ from .rows import GOLDEN_PATHS
 # the golden rows' tmpdisk servers, one per path; the peers' export name (nbd-server needs one)
 GOLDEN_TMPDISK = tuple("tmpdisk-" + p for p in GOLDEN_PATHS)
 GOLDEN_EXPORT = "golden"
+# The named row's exports file (tmpdisk --exports), and the export names
+# its clients send for each column: the same disk, 16 GiB xfs, shaped by
+# the client on an export that lets it choose, or fixed by the admin.
+NAMED_EXPORTS = """\
+[export.scratch]
+size = "1G"
+type = "ext4"
+max-size = "16G"
+types = ["xfs", "ext4"]
+labels = true
+
+[export.xfs16]
+size = "16G"
+type = "xfs"
+"""
+NAMED_CLIENTS = {"chosen": "scratch:size=16G:type=xfs", "fixed": "xfs16"}
+NAMED_SHAPE = (16 * GiB, "xfs")
 # bench/tmpdisk_bench/activate.py, run as a program of its own (see there)
 ACTIVATE = os.path.join(os.path.dirname(os.path.realpath(__file__)), "activate.py")
 
@@ -91,6 +109,12 @@ class Server:
         env = ["-E", "TMPDIR=" + self.scratch, "-E", "PATH=" + SERVER_PATH]
         if self.transport == "golden":
             return self.golden_argv(endpoint, env)
+        if self.transport == "named":  # as tcp (a process per connection), with the exports file
+            exports = os.path.join(self.cfg.work.workdir, "exports.toml")
+            with open(exports, "w") as f:
+                f.write(NAMED_EXPORTS)
+            return ([tools.socket_activate, "--accept", "-l", endpoint] + env
+                    + [tmpdisk, "--exports", exports, "-t", t, size])
         if self.transport in ("tcp", "tls"):
             tls = self.cfg.work.tls if self.transport == "tls" else None
             if self.name == "tmpdisk":
@@ -142,7 +166,7 @@ class Server:
     def start(self):
         last = None
         for attempt in range(3):
-            if self.transport == "tcp":
+            if self.transport in ("tcp", "named"):
                 port = free_port()
                 endpoint = "127.0.0.1:%d" % port
                 self.uri = "nbd://127.0.0.1:%d" % port
@@ -177,7 +201,7 @@ class Server:
             except BenchError as e:
                 last = e
                 self.stop()
-                if self.transport not in ("tcp", "tls", "golden"):
+                if self.transport not in ("tcp", "tls", "golden", "named"):
                     break
                 log("%s did not come up (attempt %d): %s" % (self.name, attempt + 1, e))
         raise BenchError("%s failed to start: %s\n%s" % (self.name, last, self.log_tail()))
@@ -216,6 +240,24 @@ class Server:
                 return
             if time.monotonic() > end:
                 raise BenchError("no `client served ... copy=` line in tmpdisk's log")
+            time.sleep(0.05)
+
+    def served(self, export, timeout=5.0):
+        """The fields of the `client served` line this start's log has for
+        a client of export (the name it sent), waiting (bounded) for it:
+        the log says which disk a client got."""
+        end = time.monotonic() + timeout
+        while True:
+            with open(self.logpath, "rb") as f:
+                f.seek(self.log_start)
+                lines = f.read().decode(errors="replace").splitlines()
+            for line in reversed(lines):
+                if "client served " in line:
+                    fields = {k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S+)', line)}
+                    if fields.get("export") == export:
+                        return fields
+            if time.monotonic() > end:
+                raise BenchError("no `client served ... export=%s` line in %s" % (export, self.logpath))
             time.sleep(0.05)
 
     def idle_processes(self):

@@ -48,13 +48,13 @@ def find_tools(rows):
         return "%s (apt-get install %s)" % (tool, package_of(tool, table))
     ids = {r.id for r in rows}
     fio_rows = any(".rand" in i for i in ids)
-    nbdkit_rows = any(not r.peers for r in rows)
+    nbdkit_rows = any(not r.optin for r in rows)
     need = ["systemd-socket-activate"] + (["nbdkit"] if nbdkit_rows else [])
     if any(".empty_read" in i for i in ids):
         need.append("nbdcopy")
     need.append("fio")  # without fio rows, only for the version line: optional
     need.append("mkfs.ext4")
-    if "tcp.connect_1G_xfs" in ids:
+    if "tcp.connect_1G_xfs" in ids or "named.connect_16G_xfs" in ids:
         need.append("mkfs.xfs")
     if "tcp.connect_1G_vfat" in ids:
         need.append("mkfs.vfat")

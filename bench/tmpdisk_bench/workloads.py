@@ -1,7 +1,8 @@
 """The measurements: each workload runs on one started server and returns
 {row id: (value, details)} for the rows it measures; the ceiling of the
-seq rows, the same loop against nbdkit's null plugin; and the golden-image
-workloads (a whole-base read and a 1 GiB write, real disk per fresh client)."""
+seq rows, the same loop against nbdkit's null plugin; the golden-image
+workloads (a whole-base read and a 1 GiB write, real disk per fresh client);
+and the named row's connects to one export of a server with an exports file."""
 
 import ctypes
 import json
@@ -41,17 +42,18 @@ def settle(settings):
         time.sleep(0.1)
 
 
-def w_connect(srv, cfg, rid, idle=False):
+def w_connect(srv, cfg, rid, idle=False, uri=None):
     """idle: before each connect, also wait until the last client's server
     processes are gone (the golden rows: qemu-nbd starts its next instance
-    only then)."""
+    only then).  uri: another export of the server than srv.uri's (the
+    named row)."""
     settle(cfg.settings)
     samples, errors = [], []
     for _ in range(cfg.settings.runs):
         if idle:
             srv.wait_idle()
         try:
-            h, dt = connect(srv.uri, 30)
+            h, dt = connect(uri or srv.uri, 30)
             samples.append(dt * 1000)
             disconnect(h)
             del h
@@ -61,6 +63,26 @@ def w_connect(srv, cfg, rid, idle=False):
     if not samples:
         raise BenchError("no connection succeeded: %s" % errors[:1])
     return {rid: (median(samples), {"samples_ms": samples, "errors": errors})}
+
+
+def w_named_connect(srv, cfg, rid, export, shape):
+    """Connect-to-ready of one export of the named row's server, as the
+    connect rows measure it, after a warm-up connect of its own (each
+    configuration of the connect rows gets one: the first mkfs of a shape
+    is not what is compared).  The warm-up also checks that the client got
+    shape (size, type), by its size and the server's `client served` line:
+    a chosen name the server shaped otherwise compares nothing."""
+    uri = "%s/%s" % (srv.uri, export)
+    h, _ = connect(uri, 30)
+    try:
+        size = h.get_size()
+    finally:
+        disconnect(h)
+        del h
+    fstype = srv.served(export).get("fs_type")
+    if (size, fstype) != shape:
+        raise BenchError("export %s: got a %d-byte %s disk, not %d-byte %s" % ((export, size, fstype) + shape))
+    return w_connect(srv, cfg, rid, uri=uri)
 
 
 def w_seq(srv, cfg, tr):
