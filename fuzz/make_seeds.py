@@ -92,9 +92,25 @@ name_seeds = {
     "long": b"s" * 4096,
 }
 
+# The reconnect handover: selector byte, then the message.
+KEY = bytes(range(32))
+def offer(kind, size, leaves, waited=1500):
+    return b"TDHO" + bytes([1, kind]) + struct.pack(">QQQ", size, leaves, waited)
+leaf = struct.pack(">Q", 3) + b"\xff" * 4096
+handover_seeds = {
+    "request": b"\x00" + b"TDRQ\x01" + KEY,
+    "request-short": b"\x00" + b"TDRQ\x01" + KEY[:10],
+    "offer-image": b"\x02" + offer(0, 1 << 30, 0),
+    "offer-overlay": b"\x03" + offer(1, 1 << 30, 8),
+    "offer-too-many-leaves": b"\x03" + offer(1, 1 << 30, 9),
+    "offer-huge": b"\x03" + offer(1, (1 << 63) - 1, 1 << 40),
+    "map": b"\x04" + (1 << 30).to_bytes(5, "big") + leaf,
+    "map-out-of-order": b"\x04" + (1 << 30).to_bytes(5, "big") + leaf + leaf,
+}
+
 here = os.path.dirname(os.path.abspath(__file__))
 for target, seeds in (("option_phase", option_seeds), ("request_phase", request_seeds),
-                      ("export_name", name_seeds)):
+                      ("export_name", name_seeds), ("handover", handover_seeds)):
     d = os.path.join(here, "corpus", target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

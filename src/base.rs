@@ -107,6 +107,27 @@ impl Base {
         })
     }
 
+    /// The base another process opened and handed over with a client's
+    /// overlay (see [`crate::reconnect`]): the file it served, even if the
+    /// image at `path` was replaced since.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> Result<Base, BaseError> {
+        let file = File::from(fd);
+        let bad = |error| BaseError::Open {
+            path: path.to_path_buf(),
+            error,
+        };
+        let device = file.metadata().map_err(bad)?.file_type().is_block_device();
+        let size = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekEnd)
+            .map(|end| end as u64)
+            .map_err(|e| bad(e.into()))?;
+        Ok(Base {
+            file,
+            path: path.to_path_buf(),
+            size,
+            device,
+        })
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }

@@ -97,6 +97,19 @@ pub struct Args {
           value_parser = parse_timeout)]
     pub setup_timeout: u64,
 
+    /// Keep the disk of a client that named it with a token (NAME:id=TOKEN)
+    /// this long after its connection drops without NBD_CMD_DISC, for the
+    /// same client to reconnect to (0 = never keep it)
+    #[arg(long, value_name = "SECS", env = "TMPDISK_RECONNECT_GRACE", default_value = "60",
+          value_parser = parse_timeout)]
+    pub reconnect_grace: u64,
+
+    /// Where the processes holding disks for reconnects meet the ones
+    /// reconnecting [default: $XDG_RUNTIME_DIR/tmpdisk-reconnect, else
+    /// /run/tmpdisk-reconnect]
+    #[arg(long, value_name = "DIR", env = "TMPDISK_RECONNECT_DIR")]
+    pub reconnect_dir: Option<PathBuf>,
+
     /// Standalone listeners: clients served at once; more wait in the backlog
     #[arg(long, value_name = "N", env = "TMPDISK_MAX_CONNECTIONS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -290,6 +303,8 @@ pub struct Config {
     pub check_only: bool,
     pub handshake_timeout: Option<Duration>,
     pub reply_timeout: Option<Duration>,
+    /// Keeping tokened disks for reconnects (None: --reconnect-grace 0).
+    pub reconnect: Option<crate::reconnect::Settings>,
     pub limits: ListenerLimits,
     pub mode: Mode,
     pub log_level: tracing::Level,
@@ -420,6 +435,15 @@ impl Config {
             handshake_timeout: (a.handshake_timeout > 0)
                 .then(|| Duration::from_secs(a.handshake_timeout)),
             reply_timeout: (a.reply_timeout > 0).then(|| Duration::from_secs(a.reply_timeout)),
+            reconnect: (a.reconnect_grace > 0).then(|| crate::reconnect::Settings {
+                grace: Duration::from_secs(a.reconnect_grace),
+                dir: a.reconnect_dir.clone().unwrap_or_else(|| {
+                    std::env::var_os("XDG_RUNTIME_DIR")
+                        .filter(|d| !d.is_empty())
+                        .map_or_else(|| PathBuf::from("/run"), PathBuf::from)
+                        .join("tmpdisk-reconnect")
+                }),
+            }),
             limits: ListenerLimits {
                 max_connections: a.max_connections as usize,
                 per_source: (a.max_connections_per_source > 0)

@@ -9,6 +9,8 @@
 //! one file, a full copy).
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
@@ -16,12 +18,14 @@ use tracing::{debug, error, info, warn};
 use crate::base::Base;
 use crate::cli::{DiskSpec, human_size};
 use crate::exports::{Catalog, Shape};
+use crate::handover::{Kind, Offer};
 use crate::image::Image;
 use crate::mkfs::{self, SetupError};
 use crate::nbd::negotiate::{Exports, OpenError, Purpose};
 use crate::nbd::storage::Storage;
-use crate::nbd::wire::REP_ERR_UNKNOWN;
+use crate::nbd::wire::{REP_ERR_POLICY, REP_ERR_UNKNOWN};
 use crate::overlay::Overlay;
+use crate::reconnect::{self, Claim, Holder, Key};
 use crate::{status, sys};
 
 /// Space reserved beyond the data that is not worth a punch per hole after
@@ -146,12 +150,22 @@ pub struct Disk<'a> {
     refused: Option<String>,
     state: State,
     mkfs_ms: u64,
+    /// Keeping tokened disks for reconnects (None: off).
+    reconnect: Option<&'a reconnect::Settings>,
+    /// The client's certificate subject: a reconnect must show the same.
+    tls_subject: Option<String>,
+    /// Listening for a reconnect of this (tokened) disk.
+    holder: Option<Holder>,
 }
 
 impl<'a> Disk<'a> {
     /// The disk one of `exports` that the client reading on `client` will
     /// name.
-    pub fn new(exports: &'a Catalog, client: Option<OwnedFd>) -> Self {
+    pub fn new(
+        exports: &'a Catalog,
+        client: Option<OwnedFd>,
+        reconnect: Option<&'a reconnect::Settings>,
+    ) -> Self {
         Disk {
             exports,
             client,
@@ -159,6 +173,216 @@ impl<'a> Disk<'a> {
             refused: None,
             state: State::Empty,
             mkfs_ms: 0,
+            reconnect,
+            tls_subject: None,
+            holder: None,
+        }
+    }
+
+    /// The client's TLS identity, once it has one.
+    pub fn set_tls_subject(&mut self, subject: Option<String>) {
+        self.tls_subject = subject;
+    }
+
+    /// The reconnect key of the chosen name, if it carries a token; a
+    /// refusal if this server keeps no disks for reconnects.
+    fn reconnect_key(&self) -> Result<Option<(Key, &'a reconnect::Settings)>, OpenError> {
+        let Some(chosen) = &self.chosen else {
+            return Ok(None);
+        };
+        if chosen.shape.id.is_none() {
+            return Ok(None);
+        }
+        let Some(settings) = self.reconnect else {
+            info!(
+                export = %crate::exportname::redacted(&chosen.name),
+                "export refused: a reconnect token, and reconnects are off"
+            );
+            return Err(OpenError {
+                reply: REP_ERR_POLICY,
+                message: "this server keeps no disk for reconnects (--reconnect-grace 0): \
+                          ask without id="
+                    .into(),
+                refused: true,
+            });
+        };
+        Ok(Some((
+            Key::new(&chosen.name, self.tls_subject.as_deref()),
+            settings,
+        )))
+    }
+
+    /// Take the disk of `key` over from the process holding it, if there
+    /// is one. Ok(true): the disk is ours (State::Ready).
+    fn take_over(
+        &mut self,
+        key: &Key,
+        settings: &reconnect::Settings,
+        spec: &DiskSpec,
+    ) -> Result<bool, OpenError> {
+        let failed = |message: String| OpenError {
+            reply: REP_ERR_UNKNOWN,
+            message,
+            refused: false,
+        };
+        let handed = match reconnect::claim(settings, key) {
+            Ok(Claim::Nothing) => return Ok(false),
+            Ok(Claim::Gone) => {
+                info!(key = %key.short(), "reconnect to a disk that is gone: refused");
+                return Err(OpenError {
+                    reply: REP_ERR_UNKNOWN,
+                    message: "no disk for this name here: it is gone (its client did not come \
+                              back within the grace period, or another connection took it)"
+                        .into(),
+                    refused: true,
+                });
+            }
+            Ok(Claim::Disk(h)) => h,
+            Err(e) => {
+                return Err(failed(format!(
+                    "cannot reach the disk to reconnect to: {e}"
+                )));
+            }
+        };
+        // An overlay is never resized (no command runs on one): it is the
+        // export's size, which also bounds the block map read for it.
+        if handed.offer.kind == Kind::Overlay && handed.offer.size != spec.size {
+            return Err(failed(
+                "the disk handed over is not the export's size".into(),
+            ));
+        }
+        let waited_ms = handed.waited_ms;
+        let mut files = handed.files.into_iter();
+        let mut adopt = || -> Result<Served, String> {
+            Ok(match (handed.offer.kind, files.next(), files.next()) {
+                (Kind::Image, Some(image), None) => {
+                    Served::Image(Image::adopt(image).map_err(|e| e.to_string())?, Copy::None)
+                }
+                (Kind::Overlay, Some(delta), Some(base)) => {
+                    let path = spec
+                        .base
+                        .as_ref()
+                        .map_or_else(PathBuf::new, |b| b.path().to_path_buf());
+                    let base = Base::adopt(base, &path).map_err(|e| e.to_string())?;
+                    let delta = Image::adopt(delta).map_err(|e| e.to_string())?;
+                    Served::Overlay(
+                        Overlay::adopt(Arc::new(base), delta, &handed.owned)
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
+                _ => return Err("the wrong files for the disk".into()),
+            })
+        };
+        let served =
+            adopt().map_err(|e| failed(format!("cannot adopt the disk to reconnect to: {e}")))?;
+        if served.storage().size() != handed.offer.size {
+            return Err(failed(
+                "the disk handed over is not the size it said".into(),
+            ));
+        }
+        info!(key = %key.short(), waited_ms, size = handed.offer.size, "client reconnected to its disk");
+        self.state = State::Ready(served);
+        Ok(true)
+    }
+
+    /// Listen for the next reconnect of this tokened disk.
+    fn hold(&mut self, key: &Key, settings: &reconnect::Settings) -> Result<(), OpenError> {
+        let connection = self
+            .client
+            .as_ref()
+            .map(|c| c.try_clone())
+            .transpose()
+            .and_then(|c| c.ok_or_else(|| std::io::Error::other("no connection to watch")));
+        match connection.and_then(|c| Holder::listen(settings, key, c)) {
+            Ok(h) => {
+                self.holder = Some(h);
+                Ok(())
+            }
+            // Another connection holds this key already: two clients with
+            // one token, one disk.
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(OpenError {
+                reply: REP_ERR_UNKNOWN,
+                message: "no disk for this name here: another connection holds it".into(),
+                refused: true,
+            }),
+            Err(e) => Err(OpenError {
+                reply: REP_ERR_UNKNOWN,
+                message: format!(
+                    "cannot keep the disk for reconnects in {}: {e}",
+                    settings.dir.display()
+                ),
+                refused: false,
+            }),
+        }
+    }
+
+    /// After the session: a tokened disk whose connection ended without
+    /// NBD_CMD_DISC (or that a reconnect came for) waits for its client,
+    /// up to the grace period, and goes to it; anything else ends here.
+    pub fn finish(mut self, clean: bool) {
+        let (Some(holder), Some(settings)) = (self.holder.take(), self.reconnect) else {
+            return;
+        };
+        if clean && !holder.taken() {
+            holder.release();
+            return;
+        }
+        let State::Ready(served) = &self.state else {
+            holder.release();
+            return;
+        };
+        let key = self
+            .chosen
+            .as_ref()
+            .map(|c| Key::new(&c.name, self.tls_subject.as_deref()));
+        let short = key.as_ref().map(Key::short).unwrap_or_default();
+        let grace = settings.grace.as_secs();
+        if !holder.taken() {
+            info!(key = %short, grace_s = grace, "connection lost: keeping the disk for its client");
+        }
+        let started = Instant::now();
+        let taker = holder.wait(settings.grace, |left| {
+            status::status(&format!(
+                "waiting for reconnect ({} s left)",
+                left.as_secs()
+            ))
+        });
+        let Some(taker) = taker else {
+            // The name stays, unanswered: a late reconnect is refused.
+            info!(key = %short, grace_s = grace, "no reconnect within the grace period: disk dropped");
+            return;
+        };
+        let waited_ms = started.elapsed().as_millis() as u64;
+        let sent = match served {
+            Served::Image(image, _) => holder.hand_over(
+                taker,
+                &Offer {
+                    kind: Kind::Image,
+                    size: image.size(),
+                    leaves: 0,
+                    waited_ms,
+                },
+                &[image.as_fd()],
+                &[],
+            ),
+            Served::Overlay(o) => {
+                let (delta, base, leaves, map) = o.parts();
+                holder.hand_over(
+                    taker,
+                    &Offer {
+                        kind: Kind::Overlay,
+                        size: delta.size(),
+                        leaves,
+                        waited_ms,
+                    },
+                    &[delta.as_fd(), base.as_fd()],
+                    &map,
+                )
+            }
+        };
+        match sent {
+            Ok(()) => info!(key = %short, waited_ms, "disk handed to its reconnecting client"),
+            Err(e) => warn!(key = %short, error = %e, "cannot hand the disk over: dropped"),
         }
     }
 
@@ -218,7 +442,11 @@ impl<'a> Disk<'a> {
             Ok(shape) => shape,
             Err(r) => {
                 if self.refused.as_deref() != Some(name) {
-                    info!(export = %name, reason = %r.message, "export refused");
+                    info!(
+                        export = %crate::exportname::redacted(name),
+                        reason = %r.message,
+                        "export refused"
+                    );
                     self.refused = Some(name.to_string());
                 }
                 return Err(OpenError {
@@ -400,6 +628,14 @@ impl Exports for Disk<'_> {
         {
             return Ok(spec.size);
         }
+        let token = self.reconnect_key()?;
+        if let (State::Empty, Some((key, settings))) = (&self.state, &token) {
+            status::committed();
+            let (key, settings) = (key.clone(), *settings);
+            if self.take_over(&key, settings, &spec)? {
+                self.hold(&key, settings)?;
+            }
+        }
         if let State::Empty = self.state {
             status::committed();
             self.state = match self.build(&spec, pipelined) {
@@ -421,6 +657,12 @@ impl Exports for Disk<'_> {
                     })
                 }
             };
+            if let (State::Ready(_), Some((key, settings))) = (&self.state, &token) {
+                let (key, settings) = (key.clone(), *settings);
+                if let Err(e) = self.hold(&key, settings) {
+                    self.state = State::Failed(e);
+                }
+            }
             // Only mkfs needed to watch the client.
             self.client = None;
         }

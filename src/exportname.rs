@@ -27,6 +27,9 @@ pub struct Request {
     pub size: Option<u64>,
     pub fs_type: Option<String>,
     pub label: Option<String>,
+    /// The client's reconnect token (see [`valid_token`]): its disk
+    /// outlives a dropped connection, for the client that knows it.
+    pub id: Option<String>,
 }
 
 impl Request {
@@ -56,6 +59,51 @@ pub fn valid_export(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The shortest reconnect token: 32 hex digits are 128 bits.
+pub const MIN_TOKEN: usize = 32;
+/// Fewer different characters than this cannot be a random token of
+/// [`MIN_TOKEN`] characters (32 random hex digits have 15.9 on average,
+/// and fewer than 10 with a probability below 10^-6).
+pub const MIN_TOKEN_SYMBOLS: usize = 10;
+
+/// Whether `token` can carry 128 bits of entropy. Randomness cannot be
+/// measured from one sample; what can be refused is what cannot hold 128
+/// bits: fewer than 32 characters (of an alphabet of 64 at most, that is
+/// 192 bits for base64url and 128 for hex), or fewer than 10 different
+/// characters (`aaaa...`, `0101...`, a counter).
+pub fn valid_token(token: &str) -> Result<(), String> {
+    let symbols = token
+        .bytes()
+        .fold(0u128, |seen, b| seen | 1 << (b % 128))
+        .count_ones() as usize;
+    if token.len() < MIN_TOKEN || symbols < MIN_TOKEN_SYMBOLS {
+        return Err(format!(
+            "id= must be a random token of at least {MIN_TOKEN} characters \
+             (128 bits, e.g. `openssl rand -hex 16`)"
+        ));
+    }
+    Ok(())
+}
+
+/// The name for logs: a reconnect token is a secret, so its value is
+/// replaced (the reconnect lines carry a hash of the whole key instead).
+pub fn redacted(name: &str) -> std::borrow::Cow<'_, str> {
+    if !name.contains("id=") {
+        return name.into();
+    }
+    let mut parts = name.split(':');
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for p in parts {
+        out.push(':');
+        out.push_str(if p.starts_with("id=") {
+            "id=(token)"
+        } else {
+            p
+        });
+    }
+    out.into()
+}
+
 /// Parse what the client sent as its export name (already known to be
 /// UTF-8 without NUL, at most 4096 bytes).
 pub fn parse(name: &str) -> Result<Request, NameError> {
@@ -67,7 +115,7 @@ pub fn parse(name: &str) -> Result<Request, NameError> {
     if !export.is_empty() && !valid_export(export) {
         return bad(format!(
             "export name {:?} is not one: names are 1-{MAX_EXPORT_NAME} characters of \
-             A-Z a-z 0-9 . _ -, then optionally :key=value:... (size, type, label)",
+             A-Z a-z 0-9 . _ -, then optionally :key=value:... (size, type, label, id)",
             truncated(export)
         ));
     }
@@ -84,7 +132,7 @@ pub fn parse(name: &str) -> Result<Request, NameError> {
     for pair in choices.split(':') {
         let Some((key, value)) = pair.split_once('=') else {
             return bad(format!(
-                "{:?} in the export name is not key=value (keys: size, type, label)",
+                "{:?} in the export name is not key=value (keys: size, type, label, id)",
                 truncated(pair)
             ));
         };
@@ -115,9 +163,13 @@ pub fn parse(name: &str) -> Result<Request, NameError> {
                 .is_some(),
             "type" => r.fs_type.replace(value.to_string()).is_some(),
             "label" => r.label.replace(value.to_string()).is_some(),
+            "id" => {
+                valid_token(value).map_err(NameError)?;
+                r.id.replace(value.to_string()).is_some()
+            }
             other => {
                 return bad(format!(
-                    "unknown key {:?} in the export name (keys: size, type, label)",
+                    "unknown key {:?} in the export name (keys: size, type, label, id)",
                     truncated(other)
                 ));
             }
@@ -153,6 +205,19 @@ mod tests {
         let r = parse(":size=2G").unwrap();
         assert_eq!((r.export.as_str(), r.size), ("", Some(2 << 30)));
         assert!(!parse("ci").unwrap().has_choices());
+        let r = parse("ci:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f").unwrap();
+        assert_eq!(r.id.as_deref(), Some("3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f"));
+        assert!(!r.has_choices(), "a token is not a choice of shape");
+    }
+
+    #[test]
+    fn tokens_are_redacted_for_logs() {
+        assert_eq!(redacted("scratch:size=1G"), "scratch:size=1G");
+        assert_eq!(
+            redacted("scratch:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f:size=1G"),
+            "scratch:id=(token):size=1G"
+        );
+        assert_eq!(redacted(":id=secret"), ":id=(token)");
     }
 
     #[test]
@@ -167,7 +232,11 @@ mod tests {
             ("x:size=1G:size=2G", "twice"),
             ("x:size=1G,type=xfs", "separated by ':'"),
             ("x:colour=red", "unknown key"),
-            ("x:id=7f3c", "unknown key"),
+            ("x:id=7f3c", "at least 32"),
+            (
+                "x:id=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                "at least 32",
+            ),
             ("x:type=x$(reboot)", "only A-Z"),
             ("x:label=a/b", "only A-Z"),
             ("x:size=5Q", "unknown suffix"),

@@ -54,6 +54,8 @@ pub struct Shape {
     /// What NBD_INFO_DESCRIPTION says: the export's description, or what
     /// the client chose.
     pub description: String,
+    /// The client's reconnect token, if it gave one.
+    pub id: Option<String>,
 }
 
 /// Why a name gets no disk: an NBD option error and its message, which
@@ -190,8 +192,19 @@ impl Catalog {
         let parsed = exportname::parse(name);
         let (export, req) = match (&self.default, self.any_name) {
             // No exports file: every name is the one disk, as before named
-            // exports (only a well-formed choice is heard, and refused).
-            (Some(default), true) => (default, parsed.unwrap_or_default()),
+            // exports (only a well-formed choice is heard, and refused),
+            // except a bad reconnect token: ignoring it would promise a
+            // client a reconnect it will not get.
+            (Some(default), true) => match parsed {
+                Ok(req) => (default, req),
+                Err(e) if name.split(':').skip(1).any(|p| p.starts_with("id=")) => {
+                    return Err(Refusal {
+                        reply: REP_ERR_UNKNOWN,
+                        message: e.0,
+                    });
+                }
+                Err(_) => (default, Request::default()),
+            },
             _ => {
                 let req = parsed.map_err(|e| Refusal {
                     reply: REP_ERR_UNKNOWN,
@@ -221,6 +234,7 @@ impl Catalog {
             export: export.name.clone(),
             disk,
             description,
+            id: req.id,
         })
     }
 

@@ -65,6 +65,14 @@ impl Image {
         Ok((Image { file, size }, how))
     }
 
+    /// An image whose file another process made and handed over (see
+    /// [`crate::reconnect`]); its size is the file's.
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Image> {
+        let file = File::from(fd);
+        let size = file.metadata()?.len();
+        Ok(Image { file, size })
+    }
+
     /// Bytes of real disk space the image occupies.
     pub fn allocated(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;

@@ -29,14 +29,27 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use crate::base::Base;
+use crate::handover::BadHandover;
 use crate::image::{Image, push_extent};
 use crate::nbd::storage::{Extent, Received, Storage, ZeroCopy};
+use crate::nbd::wire::{Put, Reader};
 
 /// The unit of ownership.
 pub const BLOCK: u64 = 4096;
-const LEAF_WORDS: usize = 512;
+pub const LEAF_WORDS: usize = 512;
 /// Blocks one leaf covers: 32768, that is 128 MiB.
 const LEAF_BLOCKS: u64 = 64 * LEAF_WORDS as u64;
+
+/// Leaves of the block map of a disk of `size` bytes: one per 128 MiB.
+pub fn leaves_for(size: u64) -> u64 {
+    size.div_ceil(BLOCK).div_ceil(LEAF_BLOCKS)
+}
+
+/// Check a handed-over block map for a disk of `size` bytes, as
+/// [`Overlay::adopt`] would read it (for the fuzz target).
+pub fn check_map(size: u64, map: &[u8]) -> Result<(), BadHandover> {
+    Owned::decode(size.div_ceil(BLOCK), map).map(|_| ())
+}
 
 /// Which blocks are the client's.
 struct Owned {
@@ -104,6 +117,44 @@ impl Owned {
             .sum()
     }
 
+    /// The map for a reconnect handover: each leaf that has any block,
+    /// as its index and words (big-endian), in order.
+    fn encode(&self) -> (u64, Vec<u8>) {
+        let mut out = Vec::new();
+        let mut n = 0;
+        for (i, leaf) in self.leaves.iter().enumerate() {
+            if let Some(words) = leaf {
+                out.put(&(i as u64).to_be_bytes());
+                for w in words.iter() {
+                    out.u64(*w);
+                }
+                n += 1;
+            }
+        }
+        (n, out)
+    }
+
+    /// The map of a disk of `blocks` from [`Owned::encode`]'s bytes:
+    /// indexes in range and strictly increasing, no partial leaf.
+    fn decode(blocks: u64, bytes: &[u8]) -> Result<Owned, BadHandover> {
+        let mut owned = Owned::new(blocks);
+        let mut r = Reader::new(bytes);
+        let mut last: Option<u64> = None;
+        while !r.rest().is_empty() {
+            let i = r.u64().ok_or(BadHandover("a partial leaf"))?;
+            if i as usize >= owned.leaves.len() || last.is_some_and(|l| i <= l) {
+                return Err(BadHandover("a leaf out of range or order"));
+            }
+            let mut words = Box::new([0u64; LEAF_WORDS]);
+            for w in words.iter_mut() {
+                *w = r.u64().ok_or(BadHandover("a partial leaf"))?;
+            }
+            owned.leaves[i as usize] = Some(words);
+            last = Some(i);
+        }
+        Ok(owned)
+    }
+
     fn place(b: u64) -> (usize, usize, u32) {
         let leaf = (b / LEAF_BLOCKS) as usize;
         let in_leaf = b % LEAF_BLOCKS;
@@ -128,6 +179,24 @@ impl Overlay {
             delta,
             owned: RefCell::new(Owned::new(blocks)),
         }
+    }
+
+    /// The copy a holder handed over (see [`crate::reconnect`]): the same
+    /// base and delta, and the client's blocks from `map`.
+    pub fn adopt(base: Arc<Base>, delta: Image, map: &[u8]) -> Result<Overlay, BadHandover> {
+        let owned = Owned::decode(delta.size().div_ceil(BLOCK), map)?;
+        Ok(Overlay {
+            base,
+            delta,
+            owned: RefCell::new(owned),
+        })
+    }
+
+    /// What a handover sends: the delta, the base, and the block map (its
+    /// leaves and bytes).
+    pub fn parts(&self) -> (&Image, &Base, u64, Vec<u8>) {
+        let (n, map) = self.owned.borrow().encode();
+        (&self.delta, &self.base, n, map)
     }
 
     /// Bytes of the disk that are the client's own (written, trimmed,

@@ -38,6 +38,12 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_sendmsg,
     libc::SYS_shutdown,
+    // A tokened disk's holder (see reconnect.rs): a taker connects, proves
+    // the key (read with a timeout), gets the files; the name is removed.
+    libc::SYS_accept4,
+    libc::SYS_setsockopt,
+    libc::SYS_recvmsg,
+    libc::SYS_unlinkat,
     libc::SYS_close,
     // Memory.
     libc::SYS_brk,
@@ -76,7 +82,7 @@ const ALLOWED: &[i64] = &[
 
 /// Calls only x86_64 has (aarch64 has just the *at/ppoll forms above).
 #[cfg(target_arch = "x86_64")]
-const ALLOWED_X86_64: &[i64] = &[libc::SYS_poll];
+const ALLOWED_X86_64: &[i64] = &[libc::SYS_poll, libc::SYS_accept, libc::SYS_unlink];
 #[cfg(not(target_arch = "x86_64"))]
 const ALLOWED_X86_64: &[i64] = &[];
 
@@ -136,8 +142,9 @@ pub fn lock_down() -> Result<(), SandboxError> {
         SeccompAction::Errno(libc::EPERM as u32),
         SeccompAction::Allow,
     )?;
-    // Sets PR_SET_NO_NEW_PRIVS, then installs the filter.
-    seccompiler::apply_filter(&program).map_err(SandboxError::Apply)
+    // Sets PR_SET_NO_NEW_PRIVS, then installs the filter in every thread
+    // (TSYNC): a reconnect holder's thread, started before, gets it too.
+    seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Apply)
 }
 
 /// mkfs's filter: fsync, fdatasync, syncfs, sync and sync_file_range

@@ -52,8 +52,9 @@ enum SessionEnd {
     /// Negotiation ended without a disk (ABORT, or the client left while
     /// its disk was being built).
     Negotiating,
-    /// Transmission ended with a disconnect or a close.
-    Served,
+    /// Transmission ended: `clean` with NBD_CMD_DISC, else the client
+    /// closed the connection without it.
+    Served { clean: bool },
 }
 
 /// Serve one client over `conn`; returns the process exit code. `tls` is
@@ -62,7 +63,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
     let started = Instant::now();
     conn.set_wait_budget(cfg.handshake_timeout);
     let watch = conn.read_fd().try_clone_to_owned().ok();
-    let mut disk = Disk::new(&cfg.exports, watch);
+    let mut disk = Disk::new(&cfg.exports, watch, cfg.reconnect.as_ref());
     let mut s = Stream::new(conn);
     debug!(%peer, "client connected");
     let policy = match (&cfg.tls, tls) {
@@ -82,6 +83,11 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         Ok((_, NegotiationEnd::Go(n))) => client.transmission(s, &n, &disk, TlsIdentity::None),
         Ok((no_zeroes, NegotiationEnd::StartTls)) => match starttls(s, tls) {
             Ok((mut s, identity)) => {
+                // A reconnect finds its disk only under the same identity.
+                disk.set_tls_subject(match &identity {
+                    TlsIdentity::Subject(s) => Some(s.clone()),
+                    _ => None,
+                });
                 // Everything negotiated before STARTTLS is forgotten: this
                 // is a new round with fresh state (CVE-2021-3716).
                 match negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Active) {
@@ -98,14 +104,19 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         Ok((_, NegotiationEnd::Abort)) => Ok(SessionEnd::Negotiating),
         Err(h) => Err(h),
     };
-    match ended {
+    let code = match &ended {
         Ok(SessionEnd::Negotiating) => {
             info!(%peer, "client left during negotiation");
             exit_code(&disk, None)
         }
-        Ok(SessionEnd::Served) => exit_code(&disk, None),
-        Err(h) => exit_code(&disk, Some((&peer, &h))),
-    }
+        Ok(SessionEnd::Served { .. }) => exit_code(&disk, None),
+        Err(h) => exit_code(&disk, Some((&peer, h))),
+    };
+    // A tokened disk outlives a connection that ended without DISC, for
+    // its client to reconnect to (or goes to whoever proved the token).
+    disk.finish(matches!(ended, Ok(SessionEnd::Served { clean: true })));
+    status::ready_before_exit("client left");
+    code
 }
 
 /// Upgrade to TLS after the client's STARTTLS was acknowledged.
@@ -162,7 +173,7 @@ impl Client<'_> {
         let shape = disk.shape();
         info!(
             %peer,
-            export = %n.export_name,
+            export = %crate::exportname::redacted(&n.export_name),
             serves = shape.map(|s| s.export.as_str()),
             size = n.size,
             fs_type = %disk.kind(),
@@ -211,7 +222,9 @@ impl Client<'_> {
         if let Ok((mut t, _)) = s.into_parts() {
             t.close();
         }
-        end.map(|_| SessionEnd::Served)
+        end.map(|e| SessionEnd::Served {
+            clean: matches!(e, TransmissionEnd::Disconnect),
+        })
     }
 }
 
@@ -220,7 +233,6 @@ impl Client<'_> {
 /// clients that misbehaved (logged as warnings, not our failure) or left
 /// while their disk was being built.
 fn exit_code(disk: &Disk, hangup: Option<(&str, &Hangup)>) -> u8 {
-    status::ready_before_exit("client left");
     if let Some((peer, h)) = hangup {
         match h {
             Hangup::Closed => debug!(%peer, "client closed the connection"),

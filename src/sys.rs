@@ -623,3 +623,64 @@ pub fn clone_file(dst: BorrowedFd<'_>, src: BorrowedFd<'_>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The most descriptors [`recv_with_files`] accepts in one message.
+pub const MAX_PASSED_FILES: usize = 4;
+
+/// Receive up to `buf.len()` bytes from the Unix socket `sock` and the
+/// descriptors that came with them (`SCM_RIGHTS`, close-on-exec). Returns
+/// 0 bytes at end of file; a timeout set on the socket gives `WouldBlock`.
+pub fn recv_with_files(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut space = nix::cmsg_space!([RawFd; MAX_PASSED_FILES]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => break r?,
+        }
+    };
+    let mut files = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: the kernel has just installed these descriptors in
+            // this process for this message (SCM_RIGHTS, close-on-exec);
+            // nothing else refers to them, so each gets one owner here.
+            files.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((msg.bytes, files))
+}
+
+/// Send `bytes` on the Unix socket `sock` with `files` attached
+/// (`SCM_RIGHTS`); returns how many bytes went (the rest is the caller's
+/// to write).
+pub fn send_with_files(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    files: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[io::IoSlice::new(bytes)],
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(Errno::EINTR) => continue,
+            r => return Ok(r?),
+        }
+    }
+}

@@ -20,5 +20,6 @@ mod lifecycle;
 mod mkfs;
 mod named_exports;
 mod properties;
+mod reconnect;
 mod tls;
 mod write_accounting;

@@ -25,6 +25,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("option_phase", harness::option_phase),
     ("request_phase", harness::request_phase),
     ("export_name", harness::export_name),
+    ("handover", harness::handover),
 ];
 
 fn fuzz_dir() -> PathBuf {

@@ -204,6 +204,7 @@ fn end_to_end(format: Format) {
     check_cgroup_ends_what_setup_left(&ct, port);
     check_golden_image(&ct, &uri);
     check_named_exports(&ct, &uri);
+    check_reconnect(&ct, &uri);
 
     // The Unix socket of the drop-in serves the same way (seen from the
     // host through the container's root).
@@ -400,6 +401,7 @@ fn check_installed_files(ct: &Container, format: Format) {
         "usr/lib/systemd/system/tmpdisk.slice",
         "etc/tmpdisk/tmpdisk.conf",
         "etc/tmpdisk/exports.toml",
+        "usr/lib/tmpfiles.d/tmpdisk.conf",
         "usr/share/man/man8/tmpdisk.8.gz",
         "usr/share/bash-completion/completions/tmpdisk",
         "usr/share/fish/vendor_completions.d/tmpdisk.fish",
@@ -894,6 +896,55 @@ fn check_named_exports(ct: &Container, uri: &str) {
     );
     fs::write(&conf, saved).unwrap();
     fs::write(&exports, shipped).unwrap();
+}
+
+/// Reconnect under the hardened unit: a client whose connection ends
+/// without NBD_CMD_DISC gets its disk back from the waiting instance (a
+/// different dynamic user) through the packaged reconnect directory;
+/// `systemctl status` shows the wait and the journal the reconnect.
+fn check_reconnect(ct: &Container, uri: &str) {
+    const TOKEN: &str = "5e1d2c3b4a5968778695a4b3c2d1e0f1";
+    let dir = ct.out(&["stat", "-c", "%a %U", "/run/tmpdisk-reconnect"]);
+    assert_eq!(dir, "1733 root", "the packaged reconnect directory");
+    let name = format!("{uri}/:id={TOKEN}");
+    let mut a = Client::connect(&name, "reconnect A");
+    let first = wait_until("A's instance", Duration::from_secs(30), || {
+        let units = ct.running_instances();
+        (units.len() == 1).then(|| units[0].clone())
+    });
+    a.kill();
+    wait_until(
+        "the instance to wait for its client",
+        Duration::from_secs(30),
+        || {
+            ct.show(&first, &["StatusText"])["StatusText"]
+                .starts_with("waiting for reconnect (")
+                .then_some(())
+        },
+    );
+    let mut b = Client::connect(&name, "reconnect B");
+    assert_eq!(b.request("check"), "marker=reconnect B");
+    // B's client wrote its own marker over A's on connecting; A's data is
+    // checked by the size and the filesystem being the same disk's.
+    assert_eq!(b.uuid, a.uuid, "the same filesystem, not a fresh one");
+    assert_eq!(b.request("bye"), "bye");
+    b.wait_exit();
+    wait_until("the reconnect record", Duration::from_secs(30), || {
+        ct.journal()
+            .iter()
+            .find(|e| {
+                e.get("MESSAGE").map(String::as_str) == Some("client reconnected to its disk")
+            })
+            .cloned()
+    });
+    wait_until("the instances to be gone", Duration::from_secs(30), || {
+        ct.instances().is_empty().then_some(())
+    });
+    assert_eq!(
+        ct.out(&["ls", "-A", "/run/tmpdisk-reconnect"]),
+        "",
+        "a clean end leaves no name behind"
+    );
 }
 
 fn check_removed(ct: &Container, format: Format, port: u16) {
@@ -1493,6 +1544,12 @@ impl Client {
         writeln!(stdin, "{command}").unwrap();
         stdin.flush().unwrap();
         self.line(Duration::from_secs(30))
+    }
+
+    /// Ends the client without NBD_CMD_DISC, as a lost connection would.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn wait_exit(&mut self) {

@@ -1,0 +1,7 @@
+//! The reconnect handover's messages and block map. See fuzz/harness.rs.
+#![no_main]
+
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::handover(data));

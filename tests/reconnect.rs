@@ -1,0 +1,479 @@
+//! Reconnect: a client that names its disk with a token (`NAME:id=TOKEN`)
+//! and loses its connection gets the same disk back within the grace
+//! period. Real clients: libnbd (a client that dies without NBD_CMD_DISC,
+//! then a new one with the same name) and qemu-io with `reconnect-delay`
+//! through a TCP relay that the test cuts. How a test knows the disk is
+//! the same: it reads back what the first connection wrote, byte for
+//! byte, and the server logs the handover.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crate::common::nbdraw;
+use crate::common::*;
+
+const TOKEN: &str = "3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f";
+const OTHER: &str = "9a8b7c6d5e4f30112233445566778899";
+
+/// A server on a Unix socket with its own reconnect directory.
+fn server(dir: &TestDir, grace: &str, more: &[&str]) -> (Server, PathBuf) {
+    let meet = dir.join("meet");
+    let mut args = vec![
+        "--reconnect-dir",
+        meet.to_str().unwrap(),
+        "--reconnect-grace",
+        grace,
+    ];
+    args.extend_from_slice(more);
+    (Server::unix(dir, &args), meet)
+}
+
+fn uri(dir: &TestDir, name: &str) -> String {
+    format!(
+        "nbd+unix:///{name}?socket={}",
+        dir.join("nbd.sock").display()
+    )
+}
+
+/// A libnbd client that connects to `uri`, prints what is at `offset`
+/// (16 bytes, hex), writes `text` there, and dies without NBD_CMD_DISC
+/// (`die`) or disconnects cleanly.
+fn client(uri: &str, offset: u64, text: &str, die: bool) -> Output {
+    let script = r#"
+uri, offset, text, die = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "die"
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)  # tls-certificates=DIR
+h.connect_uri(uri)
+print("size", h.get_size())
+print("read", bytes(h.pread(16, offset)).hex())
+if text:
+    h.pwrite(text.encode().ljust(4096, b"\0"), offset)
+if die:
+    os._exit(0)
+h.shutdown()
+"#;
+    run(
+        "libnbd client",
+        python(
+            script,
+            &[
+                uri,
+                &offset.to_string(),
+                text,
+                if die { "die" } else { "disc" },
+            ],
+        ),
+    )
+}
+
+fn hex16(text: &str) -> String {
+    let mut b = text.as_bytes().to_vec();
+    b.resize(16, 0);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn read_line(out: &Output) -> &str {
+    out.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("read "))
+        .unwrap_or_else(|| panic!("no read line:\n{out}"))
+}
+
+#[test]
+fn a_dropped_client_gets_its_disk_back_and_a_clean_one_does_not() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-basic");
+    let (mut server, meet) = server(&dir, "20", &["64M"]);
+    let name = format!(":id={TOKEN}");
+    let a = client(&uri(&dir, &name), 1 << 20, "written by A", true);
+    assert!(a.status.success(), "{a}");
+    // B: the same name, a new connection, the same disk.
+    let b = client(&uri(&dir, &name), 1 << 20, "written by B", true);
+    assert!(b.status.success(), "{b}");
+    assert_eq!(read_line(&b), hex16("written by A"), "B must see A's write");
+    assert!(b.stdout.contains("size 67108864"), "{b}");
+    // C after B dropped too: still the one disk; C disconnects cleanly.
+    let c = client(&uri(&dir, &name), 1 << 20, "", false);
+    assert_eq!(read_line(&c), hex16("written by B"), "{c}");
+    wait_no_image_holders(server.images(), "after a clean disconnect");
+    // After a clean disconnect the name is free again: a fresh disk.
+    let d = client(&uri(&dir, &name), 1 << 20, "", false);
+    assert_eq!(
+        read_line(&d),
+        "0".repeat(32),
+        "a fresh disk after DISC: {d}"
+    );
+    wait_no_image_holders(server.images(), "after the last client");
+    assert_dir_empty(server.images(), "after all clients left");
+    server
+        .proc
+        .wait_stderr("client left peer", Duration::from_secs(10));
+    let log = server.proc.stderr();
+    assert_eq!(
+        log.matches("client reconnected to its disk").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        !log.contains(TOKEN),
+        "the token must not reach the log:\n{log}"
+    );
+    // The clean ends removed their names: nothing waits in the directory.
+    assert_eq!(dir_entries(&meet), Vec::<String>::new());
+}
+
+#[test]
+fn a_half_open_connection_gives_way_to_the_reconnect() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-takeover");
+    let (server, _) = server(&dir, "20", &["64M"]);
+    // A still holds its connection (as after a network loss nobody saw)
+    // when B arrives with the same name: B gets the disk, A's connection
+    // is shut down.
+    let script = r#"
+uri = sys.argv[1]
+a = nbd.NBD(); a.connect_uri(uri)
+a.pwrite(b"from A".ljust(4096, b"\0"), 0)
+b = nbd.NBD(); b.connect_uri(uri)
+check(bytes(b.pread(6, 0)) == b"from A", "B sees A's disk")
+try:
+    a.pread(6, 0)
+    check(False, "A's connection must be ended")
+except nbd.Error:
+    pass
+b.shutdown()
+"#;
+    run_ok(
+        "takeover",
+        python(script, &[uri(&dir, &format!(":id={TOKEN}"))]),
+    );
+    wait_no_image_holders(server.images(), "after the takeover");
+}
+
+#[test]
+fn an_overlay_copy_reconnects_with_its_own_blocks() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("reconnect-overlay");
+    // A base of known bytes: block i holds i.
+    let base = dir.join("base.img");
+    let bytes: Vec<u8> = (0..16 * 4096u32).map(|i| (i / 4096) as u8 + 1).collect();
+    std::fs::write(&base, &bytes).unwrap();
+    let (mut server, _) = server(&dir, "20", &["--base", base.to_str().unwrap()]);
+    let name = format!(":id={TOKEN}");
+    let script = r#"
+uri, phase = sys.argv[1], sys.argv[2]
+h = nbd.NBD(); h.connect_uri(uri)
+if phase == "write":
+    h.pwrite(b"\xee" * 100, 4096 * 3 + 10)
+    h.trim(4096, 4096 * 5)
+    os._exit(0)
+for blk in range(16):
+    got = bytes(h.pread(4096, 4096 * blk))
+    want = bytearray([blk + 1] * 4096)
+    if blk == 3:
+        want[10:110] = b"\xee" * 100
+    if blk == 5:
+        want = bytearray(4096)
+    check(got == bytes(want), "block %d after the reconnect" % blk)
+h.shutdown()
+"#;
+    run_ok(
+        "overlay A",
+        python(script, &[uri(&dir, &name), "write".into()]),
+    );
+    run_ok(
+        "overlay B",
+        python(script, &[uri(&dir, &name), "check".into()]),
+    );
+    wait_no_image_holders(server.images(), "after the overlay client");
+    server
+        .proc
+        .wait_stderr("client reconnected to its disk", Duration::from_secs(10));
+}
+
+#[test]
+fn another_token_finds_nothing_and_racers_get_one_disk() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-race");
+    let (server, _) = server(&dir, "20", &["64M"]);
+    let name = format!(":id={TOKEN}");
+    client(&uri(&dir, &name), 0, "the one disk", true);
+    // Another token: an ordinary fresh disk, no hint of the other.
+    let other = client(&uri(&dir, &format!(":id={OTHER}")), 0, "", false);
+    assert_eq!(read_line(&other), "0".repeat(32), "{other}");
+    // Two reconnects at once: at the end exactly one has the disk. Each
+    // connects, reads, holds its connection a moment, and reads again; a
+    // later taker ends an earlier one's connection, a racer that comes
+    // while the disk is being handed over finds it gone.
+    let script = r#"
+h = nbd.NBD()
+try:
+    h.connect_uri(sys.argv[1])
+except nbd.Error as e:
+    print("refused"); sys.exit(0)
+try:
+    first = bytes(h.pread(16, 0)).hex()
+except nbd.Error:
+    print("cut"); os._exit(0)
+time.sleep(1.5)
+try:
+    print("alive", first, bytes(h.pread(16, 0)).hex())
+except nbd.Error:
+    print("cut", first)
+os._exit(0)
+"#;
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let u = uri(&dir, &name);
+            thread::spawn(move || run_ok("racer", python(&format!("import time\n{script}"), &[u])))
+        })
+        .collect();
+    let outs: Vec<String> = racers
+        .into_iter()
+        .map(|t| t.join().unwrap().stdout.trim().to_string())
+        .collect();
+    let disk = hex16("the one disk");
+    let holders = outs
+        .iter()
+        .filter(|o| **o == format!("alive {disk} {disk}"))
+        .count();
+    assert_eq!(
+        holders, 1,
+        "exactly one racer ends up with the disk: {outs:?}"
+    );
+    assert!(
+        outs.iter()
+            .all(|o| o.starts_with("alive") || o.starts_with("cut") || o == "refused"),
+        "{outs:?}"
+    );
+    drop(server);
+}
+
+#[test]
+fn the_grace_running_out_ends_the_disk_for_good() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-grace");
+    let (mut server, _) = server(&dir, "1", &["64M"]);
+    let name = format!(":id={TOKEN}");
+    client(&uri(&dir, &name), 0, "lost", true);
+    wait_no_image_holders(server.images(), "after the grace period");
+    assert_dir_empty(server.images(), "after the grace period");
+    // A late reconnect is refused: never a fresh disk under its name.
+    let late = client(&uri(&dir, &name), 0, "", false);
+    assert!(
+        !late.status.success() && late.stderr.contains("no export named"),
+        "{late}"
+    );
+    server.proc.wait_stderr(
+        "no reconnect within the grace period",
+        Duration::from_secs(10),
+    );
+}
+
+#[test]
+fn a_killed_waiting_process_leaves_nothing() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-kill");
+    let (server, _) = server(&dir, "60", &["64M"]);
+    let name = format!(":id={TOKEN}");
+    client(&uri(&dir, &name), 0, "killed", true);
+    let holders = wait_image_holders(server.images(), 1, "the waiting process");
+    // SAFETY: kill(2) on the waiting process the test's server forked.
+    unsafe { libc::kill(holders[0] as i32, libc::SIGKILL) };
+    wait_no_image_holders(server.images(), "after SIGKILL of the waiting process");
+    assert_dir_empty(server.images(), "after SIGKILL of the waiting process");
+    let late = client(&uri(&dir, &name), 0, "", false);
+    assert!(
+        !late.status.success() && late.stderr.contains("no export named"),
+        "{late}"
+    );
+}
+
+#[test]
+fn tokens_are_checked_and_need_a_grace_period() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-tokens");
+    let (mut server, _) = server(&dir, "0", &["64M"]);
+    let script = r#"
+h = nbd.NBD()
+try:
+    h.connect_uri(sys.argv[1])
+    print("connected")
+except nbd.Error as e:
+    print("refused", e)
+"#;
+    let out = run_ok(
+        "grace 0",
+        python(script, &[uri(&dir, &format!(":id={TOKEN}"))]),
+    );
+    assert!(out.stdout.starts_with("refused"), "{out}");
+    server
+        .proc
+        .wait_stderr("reconnects are off", Duration::from_secs(10));
+    drop(server);
+    let dir = TestDir::new("reconnect-short");
+    let (server, _) = self::server(&dir, "10", &["64M"]);
+    for token in ["short", &"ab".repeat(20)] {
+        let mut s = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+        nbdraw::handshake(&mut s).unwrap();
+        match nbdraw::opt_go_name(&mut s, format!(":id={token}").as_bytes()).unwrap() {
+            nbdraw::GoReply::Err { message, .. } => {
+                assert!(
+                    message.contains("at least 32 characters"),
+                    "{token}: {message}"
+                )
+            }
+            other => panic!("{token}: {other:?}"),
+        }
+    }
+    assert_dir_empty(server.images(), "after refused tokens");
+}
+
+// --- qemu through a relay -----------------------------------------------------------
+
+/// A TCP relay to a Unix socket whose connections the test can cut, as a
+/// network outage would (both sides see their connection end).
+struct Relay {
+    port: u16,
+    live: Arc<Mutex<Vec<(TcpStream, UnixStream)>>>,
+}
+
+impl Relay {
+    fn start(target: &Path) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let live: Arc<Mutex<Vec<(TcpStream, UnixStream)>>> = Arc::default();
+        let (target, held) = (target.to_path_buf(), live.clone());
+        thread::spawn(move || {
+            for c in listener.incoming() {
+                let Ok(c) = c else { return };
+                let Ok(u) = UnixStream::connect(&target) else {
+                    continue;
+                };
+                let pipe = |mut from: Box<dyn Read + Send>, mut to: Box<dyn Write + Send>| {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                    })
+                };
+                pipe(
+                    Box::new(c.try_clone().unwrap()),
+                    Box::new(u.try_clone().unwrap()),
+                );
+                pipe(
+                    Box::new(u.try_clone().unwrap()),
+                    Box::new(c.try_clone().unwrap()),
+                );
+                held.lock().unwrap().push((c, u));
+            }
+        });
+        Relay { port, live }
+    }
+
+    /// End every connection through the relay, both sides.
+    fn cut(&self) -> usize {
+        let mut live = self.live.lock().unwrap();
+        for (c, u) in live.iter() {
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = u.shutdown(Shutdown::Both);
+        }
+        let n = live.len();
+        live.clear();
+        n
+    }
+}
+
+#[test]
+fn qemu_reconnects_through_a_cut_relay_and_keeps_its_data() {
+    require(&["qemu-io", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-qemu");
+    let (mut server, _) = server(&dir, "30", &["64M"]);
+    let relay = Relay::start(&dir.join("nbd.sock"));
+    let opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=:id={TOKEN},reconnect-delay=20",
+        relay.port
+    );
+    let mut qemu = Proc::spawn(
+        "qemu-io",
+        cmd(
+            "qemu-io",
+            &[
+                "--image-opts",
+                &opts,
+                "-c",
+                "write -P 0x5a 4M 1M",
+                "-c",
+                "sleep 3000",
+                "-c",
+                "read -P 0x5a 4M 1M",
+                "-c",
+                "write -P 0xa5 8M 64k",
+                "-c",
+                "read -P 0xa5 8M 64k",
+            ],
+        ),
+    );
+    // Cut while qemu sleeps between its write and its read: its one
+    // connection is up, and the write (a few ms) is done a second later.
+    wait_until("qemu's connection", Duration::from_secs(20), || {
+        (!relay.live.lock().unwrap().is_empty()).then_some(())
+    });
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(relay.cut(), 1, "one connection through the relay");
+    let status = qemu.wait();
+    let out = qemu.stdout();
+    assert!(status.success(), "{}", qemu.describe());
+    assert!(
+        !out.contains("Pattern verification failed") && out.matches("read ").count() == 2,
+        "qemu reads back what it wrote before the cut:\n{out}"
+    );
+    server
+        .proc
+        .wait_stderr("client reconnected to its disk", Duration::from_secs(10));
+    wait_no_image_holders(server.images(), "after qemu-io");
+}
+
+#[test]
+fn a_disk_reconnects_only_to_the_same_tls_identity() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    crate::common::pki::require_openssl();
+    let dir = TestDir::new("reconnect-tls");
+    let pki = crate::common::pki::pki(&dir);
+    let meet = dir.join("meet");
+    let server = Server::start(
+        &dir,
+        Mode::Tcp,
+        &[
+            "--tls",
+            "on",
+            "--tls-certificates",
+            pki.server.to_str().unwrap(),
+            "--tls-verify-peer",
+            "--reconnect-dir",
+            meet.to_str().unwrap(),
+            "64M",
+        ],
+        &[],
+    );
+    let port = server.uri().rsplit(':').next().unwrap().to_string();
+    let name = format!(":id={TOKEN}");
+    let tls = format!(
+        "nbds://localhost:{port}/{name}?tls-certificates={}",
+        pki.client.display()
+    );
+    let plain = format!("nbd://127.0.0.1:{port}/{name}");
+    let a = client(&tls, 0, "certified", true);
+    assert!(a.status.success(), "{a}");
+    // The same token without the certificate: another identity, another
+    // key: a fresh disk, and no hint.
+    let b = client(&plain, 0, "", false);
+    assert_eq!(read_line(&b), "0".repeat(32), "{b}");
+    // The certificate's holder gets its disk.
+    let c = client(&tls, 0, "", false);
+    assert_eq!(read_line(&c), hex16("certified"), "{c}");
+    wait_no_image_holders(server.images(), "after the TLS clients");
+}
