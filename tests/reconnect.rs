@@ -6,15 +6,13 @@
 //! the same: it reads back what the first connection wrote, byte for
 //! byte, and the server logs the handover.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
 
 use crate::common::nbdraw;
+use crate::common::relay::{Relay, Upstream};
 use crate::common::*;
 
 const TOKEN: &str = "3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f";
@@ -336,63 +334,12 @@ except nbd.Error as e:
 
 // --- qemu through a relay -----------------------------------------------------------
 
-/// A TCP relay to a Unix socket whose connections the test can cut, as a
-/// network outage would (both sides see their connection end).
-struct Relay {
-    port: u16,
-    live: Arc<Mutex<Vec<(TcpStream, UnixStream)>>>,
-}
-
-impl Relay {
-    fn start(target: &Path) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let live: Arc<Mutex<Vec<(TcpStream, UnixStream)>>> = Arc::default();
-        let (target, held) = (target.to_path_buf(), live.clone());
-        thread::spawn(move || {
-            for c in listener.incoming() {
-                let Ok(c) = c else { return };
-                let Ok(u) = UnixStream::connect(&target) else {
-                    continue;
-                };
-                let pipe = |mut from: Box<dyn Read + Send>, mut to: Box<dyn Write + Send>| {
-                    thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                    })
-                };
-                pipe(
-                    Box::new(c.try_clone().unwrap()),
-                    Box::new(u.try_clone().unwrap()),
-                );
-                pipe(
-                    Box::new(u.try_clone().unwrap()),
-                    Box::new(c.try_clone().unwrap()),
-                );
-                held.lock().unwrap().push((c, u));
-            }
-        });
-        Relay { port, live }
-    }
-
-    /// End every connection through the relay, both sides.
-    fn cut(&self) -> usize {
-        let mut live = self.live.lock().unwrap();
-        for (c, u) in live.iter() {
-            let _ = c.shutdown(Shutdown::Both);
-            let _ = u.shutdown(Shutdown::Both);
-        }
-        let n = live.len();
-        live.clear();
-        n
-    }
-}
-
 #[test]
 fn qemu_reconnects_through_a_cut_relay_and_keeps_its_data() {
     require(&["qemu-io", "mkfs.ext4"]);
     let dir = TestDir::new("reconnect-qemu");
     let (mut server, _) = server(&dir, "30", &["64M"]);
-    let relay = Relay::start(&dir.join("nbd.sock"));
+    let relay = Relay::start("127.0.0.1:0", Upstream::Unix(dir.join("nbd.sock")));
     let opts = format!(
         "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=:id={TOKEN},reconnect-delay=20",
         relay.port
@@ -420,7 +367,7 @@ fn qemu_reconnects_through_a_cut_relay_and_keeps_its_data() {
     // Cut while qemu sleeps between its write and its read: its one
     // connection is up, and the write (a few ms) is done a second later.
     wait_until("qemu's connection", Duration::from_secs(20), || {
-        (!relay.live.lock().unwrap().is_empty()).then_some(())
+        (relay.connections() > 0).then_some(())
     });
     thread::sleep(Duration::from_secs(1));
     assert_eq!(relay.cut(), 1, "one connection through the relay");

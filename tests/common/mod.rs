@@ -13,6 +13,7 @@ pub mod json;
 pub mod kernel_mount;
 pub mod nbdraw;
 pub mod pki;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::fs;
