@@ -416,3 +416,32 @@ pub fn handover(data: &[u8]) {
         }
     }
 }
+
+/// A PROXY protocol header (v1 or v2) as a balancer's connection starts,
+/// read the way session.rs reads it: from nothing, asking for as many
+/// bytes as the parser says, never past the header. The oracle: the
+/// header's length and every request for more stay within the input
+/// grown so far and the protocol's bounds, or a clean error.
+pub fn proxy_header(data: &[u8]) {
+    use tmpdisk::proxy::{Parsed, V1_MAX, V2_FIXED, V2_MAX_BODY, parse};
+    let mut have = 0;
+    loop {
+        match parse(&data[..have]) {
+            Ok(Parsed::Header { len, .. }) => {
+                assert!(len == have && len <= (V2_FIXED + V2_MAX_BODY).max(V1_MAX));
+                return;
+            }
+            Ok(Parsed::Incomplete(need)) => {
+                assert!(
+                    need > have && need <= V2_FIXED + V2_MAX_BODY,
+                    "{need} after {have}"
+                );
+                if need > data.len() {
+                    return;
+                }
+                have = need;
+            }
+            Err(_) => return,
+        }
+    }
+}

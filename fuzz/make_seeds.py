@@ -108,9 +108,25 @@ handover_seeds = {
     "map-out-of-order": b"\x04" + (1 << 30).to_bytes(5, "big") + leaf + leaf,
 }
 
+# PROXY protocol headers (no selector byte), then what a client sends.
+SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+v4 = bytes([192, 0, 2, 7, 10, 0, 0, 1]) + struct.pack(">HH", 51234, 10809)
+proxy_seeds = {
+    "v1": b"PROXY TCP4 192.0.2.7 10.0.0.1 51234 10809\r\n\x00\x00\x00\x03",
+    "v1-tcp6": b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 10809\r\n",
+    "v1-unknown": b"PROXY UNKNOWN\r\n",
+    "v1-garbage": b"PROXY \xff\xfe garbage without end",
+    "v2": SIG + b"\x21\x11" + struct.pack(">H", len(v4)) + v4,
+    "v2-tlv": SIG + b"\x21\x11" + struct.pack(">H", len(v4) + 6) + v4 + b"\x01\x00\x03nbd",
+    "v2-local": SIG + b"\x20\x00\x00\x00",
+    "v2-oversized": SIG + b"\x21\x11\xff\xff" + v4,
+    "v2-truncated-tlv": SIG + b"\x21\x11" + struct.pack(">H", len(v4) + 4) + v4 + b"\x01\x00\x09\x00",
+}
+
 here = os.path.dirname(os.path.abspath(__file__))
 for target, seeds in (("option_phase", option_seeds), ("request_phase", request_seeds),
-                      ("export_name", name_seeds), ("handover", handover_seeds)):
+                      ("export_name", name_seeds), ("handover", handover_seeds),
+                      ("proxy_header", proxy_seeds)):
     d = os.path.join(here, "corpus", target)
     os.makedirs(d, exist_ok=True)
     for name, data in seeds.items():

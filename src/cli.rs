@@ -139,6 +139,17 @@ pub struct Args {
     #[arg(long, env = "TMPDISK_TLS_VERIFY_PEER")]
     pub tls_verify_peer: bool,
 
+    /// Take the PROXY protocol (v1 or v2) header a load balancer sends
+    /// first, from the --proxy-from addresses only, and log and serve its
+    /// client's address
+    #[arg(long, env = "TMPDISK_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
+    /// The balancers' addresses, comma-separated (IPv4 or IPv6): they must
+    /// send a PROXY header, nobody else may
+    #[arg(long, value_name = "ADDRS", env = "TMPDISK_PROXY_FROM", value_parser = parse_proxy_from)]
+    pub proxy_from: Option<ProxyFrom>,
+
     /// Named exports: a TOML file of exports (and FILE's drop-in directory,
     /// exports.d/*.toml beside exports.toml) that clients choose by export
     /// name; the command line's disk stays the default export. The format:
@@ -244,13 +255,16 @@ pub struct TlsSpec {
 }
 
 /// What a standalone listener lets in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ListenerLimits {
     /// Clients served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// Clients at once from one source (IP address, or user for a Unix
     /// socket); more are refused at once.
     pub per_source: Option<usize>,
+    /// Balancers (--proxy-from): every client behind one shares its
+    /// address, so the per-source limit does not count them.
+    pub balancers: Vec<std::net::IpAddr>,
     /// How long a client may take to negotiate at all.
     pub handshake_timeout: Option<Duration>,
 }
@@ -295,6 +309,8 @@ impl Common {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tls: Option<TlsSpec>,
+    /// The balancers that send PROXY headers (None: nobody may).
+    pub proxy_from: Option<ProxyFrom>,
     /// The disks clients may have, by export name.
     pub exports: Catalog,
     /// Where every export's images go.
@@ -427,7 +443,20 @@ impl Config {
                 );
             }
         };
+        if a.proxy_protocol && a.proxy_from.is_none() {
+            return Err(
+                "--proxy-protocol needs --proxy-from ADDRS (TMPDISK_PROXY_FROM): \
+                        the balancers' addresses, the only peers whose PROXY headers are taken"
+                    .into(),
+            );
+        }
+        if a.proxy_from.is_some() && !a.proxy_protocol {
+            return Err(
+                "--proxy-from needs --proxy-protocol (or TMPDISK_PROXY_PROTOCOL=true)".into(),
+            );
+        }
         Ok(Config {
+            proxy_from: a.proxy_from.clone().filter(|_| a.proxy_protocol),
             tls,
             exports,
             tmpdir,
@@ -448,6 +477,10 @@ impl Config {
                 max_connections: a.max_connections as usize,
                 per_source: (a.max_connections_per_source > 0)
                     .then_some(a.max_connections_per_source as usize),
+                balancers: match (&a.proxy_from, a.proxy_protocol) {
+                    (Some(from), true) => from.0.clone(),
+                    _ => Vec::new(),
+                },
                 handshake_timeout: (a.handshake_timeout > 0)
                     .then(|| Duration::from_secs(a.handshake_timeout)),
             },
@@ -540,6 +573,39 @@ pub(crate) fn parse_fs_type(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_string())
+}
+
+/// The addresses --proxy-from names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyFrom(pub Vec<std::net::IpAddr>);
+
+impl ProxyFrom {
+    /// Whether `ip` is one of them (an IPv4-mapped IPv6 address, as a
+    /// dual-stack socket reports an IPv4 peer, counts as its IPv4 one).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.0.contains(&ip.to_canonical())
+    }
+}
+
+/// `10.0.0.5,10.0.0.6,2001:db8::5` for --proxy-from.
+fn parse_proxy_from(s: &str) -> Result<ProxyFrom, String> {
+    let v: Result<Vec<std::net::IpAddr>, String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            a.parse::<std::net::IpAddr>()
+                .map(|ip| ip.to_canonical())
+                .map_err(|_| {
+                    format!("invalid --proxy-from address {a:?}: expected an IPv4 or IPv6 address")
+                })
+        })
+        .collect();
+    let v = v?;
+    if v.is_empty() {
+        return Err("--proxy-from names no address".into());
+    }
+    Ok(ProxyFrom(v))
 }
 
 /// ADDR[:PORT] for --listen: "127.0.0.1", "[::1]:10810", "localhost:10810",

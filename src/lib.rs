@@ -27,6 +27,7 @@ pub mod logging;
 pub(crate) mod mkfs;
 pub mod nbd;
 pub(crate) mod overlay;
+pub mod proxy;
 pub(crate) mod reconnect;
 pub(crate) mod sandbox;
 pub mod session;

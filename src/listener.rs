@@ -188,7 +188,9 @@ pub fn run(
             continue;
         };
         let peer = peer_name(&fd, false);
-        if let Some(limit) = limits.per_source {
+        let balancer =
+            matches!(source, Source::Ip(ip) if limits.balancers.contains(&ip.to_canonical()));
+        if let Some(limit) = limits.per_source.filter(|_| !balancer) {
             let from_source = children.values().filter(|c| c.source == source).count();
             if from_source >= limit {
                 refusals.refused(&peer, limit);

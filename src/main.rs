@@ -119,7 +119,7 @@ fn run() -> Result<ExitCode, StartError> {
         ))),
         Activation::Listen(l) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
-            listener::run(l, cfg.limits, &serve).map_err(StartError::Listener)?;
+            listener::run(l, cfg.limits.clone(), &serve).map_err(StartError::Listener)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -17,7 +17,7 @@ use crate::nbd::negotiate::{self, Exports, Negotiated, NegotiationEnd, Tls};
 use crate::nbd::stream::Stream;
 use crate::nbd::transmit::{self, Stats, TransmissionEnd};
 use crate::tls::{self, TlsStream};
-use crate::{sandbox, status};
+use crate::{proxy, sandbox, status};
 
 /// Exit codes (see `tmpdisk --help`).
 pub const EXIT_OK: u8 = 0;
@@ -62,6 +62,15 @@ enum SessionEnd {
 pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<ServerConfig>>) -> u8 {
     let started = Instant::now();
     conn.set_wait_budget(cfg.handshake_timeout);
+    // A balancer's connection: who the client is comes first.
+    let peer = match proxied_peer(&mut conn, peer, cfg) {
+        Ok(peer) => peer,
+        Err((peer, why)) => {
+            warn!(%peer, reason = %why, "connection dropped: PROXY protocol");
+            status::ready_before_exit("connection dropped");
+            return EXIT_OK;
+        }
+    };
     let watch = conn.read_fd().try_clone_to_owned().ok();
     let mut disk = Disk::new(&cfg.exports, watch, cfg.reconnect.as_ref());
     let mut s = Stream::new(conn);
@@ -117,6 +126,50 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
     disk.finish(matches!(ended, Ok(SessionEnd::Served { clean: true })));
     status::ready_before_exit("client left");
     code
+}
+
+/// The client's address: `peer`, or, when `peer` is a balancer in
+/// --proxy-from, what the PROXY header it must send first says (`peer`
+/// itself for a header that names no client: a health check). The header
+/// is read exactly, never past its end, within the handshake timeout.
+fn proxied_peer(conn: &mut Conn, peer: String, cfg: &Config) -> Result<String, (String, String)> {
+    use std::io::Read;
+    let Some(from) = &cfg.proxy_from else {
+        return Ok(peer);
+    };
+    let listed = peer
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| from.contains(a.ip()));
+    if !listed {
+        return Ok(peer);
+    }
+    let mut buf = vec![0u8; proxy::V2_FIXED + proxy::V2_MAX_BODY];
+    let mut have = 0;
+    loop {
+        match proxy::parse(&buf[..have]) {
+            Ok(proxy::Parsed::Header { len, source }) => {
+                debug_assert_eq!(len, have);
+                return Ok(source.map_or(peer, |s| s.to_string()));
+            }
+            Ok(proxy::Parsed::Incomplete(need)) => {
+                let need = need.min(buf.len());
+                if let Err(e) = conn.read_exact(&mut buf[have..need]) {
+                    let why = match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => "the balancer closed the connection \
+                                                             before a whole PROXY header"
+                            .to_string(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                            "no PROXY header from the balancer within the handshake timeout".into()
+                        }
+                        _ => format!("reading the PROXY header: {e}"),
+                    };
+                    return Err((peer, why));
+                }
+                have = need;
+            }
+            Err(e) => return Err((peer, format!("{e} (from a --proxy-from balancer)"))),
+        }
+    }
 }
 
 /// Upgrade to TLS after the client's STARTTLS was acknowledged.

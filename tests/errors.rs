@@ -267,6 +267,29 @@ fn invalid_values_give_one_line_and_nonzero_exit() {
             &[("TMPDISK_LABEL", "abcdefghijklmnopq")],
         ),
         (
+            "--proxy-protocol without --proxy-from",
+            &["--proxy-protocol", "1G"],
+            &[],
+        ),
+        (
+            "--proxy-from without --proxy-protocol",
+            &["--proxy-from", "10.0.0.5", "1G"],
+            &[],
+        ),
+        (
+            "a --proxy-from that is no address",
+            &["1G"],
+            &[
+                ("TMPDISK_PROXY_PROTOCOL", "true"),
+                ("TMPDISK_PROXY_FROM", "10.0.0.5,host"),
+            ],
+        ),
+        (
+            "a reconnect grace of 2^64-1",
+            &["--reconnect-grace", "18446744073709551615", "1G"],
+            &[],
+        ),
+        (
             "reply timeout 2^64-1 from the environment",
             &["1G"],
             &[("TMPDISK_REPLY_TIMEOUT", "18446744073709551615")],

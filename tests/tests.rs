@@ -20,6 +20,7 @@ mod lifecycle;
 mod mkfs;
 mod named_exports;
 mod properties;
+mod proxy;
 mod reconnect;
 mod tls;
 mod write_accounting;

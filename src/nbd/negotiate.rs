@@ -162,6 +162,15 @@ pub fn handshake<C: Channel>(s: &mut Stream<C>) -> Result<bool, Hangup> {
     if !s.read_message(&mut cflags)? {
         return Err(Hangup::Closed);
     }
+    // A PROXY protocol header where none is taken (this peer is not in
+    // --proxy-from, or --proxy-protocol is off): say so, not "bad flags".
+    if crate::proxy::looks_like_header(&cflags) {
+        return Err(Hangup::Protocol(
+            "a PROXY protocol header from a peer that may not send one \
+             (not in --proxy-from, or --proxy-protocol is off)"
+                .into(),
+        ));
+    }
     let cflags = u32::from_be_bytes(cflags);
     if cflags & !KNOWN_CLIENT_FLAGS != 0 {
         return Err(Hangup::Protocol(format!(

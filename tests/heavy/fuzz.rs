@@ -26,6 +26,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("request_phase", harness::request_phase),
     ("export_name", harness::export_name),
     ("handover", harness::handover),
+    ("proxy_header", harness::proxy_header),
 ];
 
 fn fuzz_dir() -> PathBuf {
