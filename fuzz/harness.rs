@@ -325,18 +325,12 @@ fn catalog() -> &'static tmpdisk::exports::Catalog {
             min_free: tmpdisk::cli::MinFree::Bytes(0),
             setup_timeout: None,
         };
-        let fs = |t: &str| tmpdisk::cli::FsSpec {
-            fs_type: t.into(),
-            label: None,
-            mkfs_options: vec![],
-            command: None,
-        };
         let text = "[export.scratch]\nsize = \"8G\"\ntype = \"xfs\"\nmax-size = \"64G\"\n\
                     types = [\"xfs\", \"ext4\"]\nlabels = true\n\n\
                     [export.fixed]\nsize = \"512M\"\ntype = \"vfat\"\n";
         tmpdisk::exports::Catalog::from_texts(
             &[("exports.toml".into(), text.into())],
-            Some(common.disk(SIZE, fs("ext4"), None)),
+            Some(common.disk(SIZE, tmpdisk::cli::FsSpec::of_type("ext4"), None)),
             &common,
         )
         .expect("the harness's catalog")

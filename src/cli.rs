@@ -245,6 +245,19 @@ pub struct FsSpec {
     pub command: Option<OsString>,
 }
 
+impl FsSpec {
+    /// A filesystem of `fs_type` made by its mkfs with tmpdisk's defaults:
+    /// no label, no extra options, no command.
+    pub fn of_type(fs_type: &str) -> FsSpec {
+        FsSpec {
+            fs_type: fs_type.into(),
+            label: None,
+            mkfs_options: Vec::new(),
+            command: None,
+        }
+    }
+}
+
 /// TLS settings; the key material itself is loaded by [`crate::tls::load`].
 #[derive(Debug, Clone)]
 pub struct TlsSpec {

@@ -716,16 +716,7 @@ mod tests {
     }
 
     fn cli_disk() -> DiskSpec {
-        common().disk(
-            1 << 30,
-            FsSpec {
-                fs_type: "ext4".into(),
-                label: None,
-                mkfs_options: vec![],
-                command: None,
-            },
-            None,
-        )
+        common().disk(1 << 30, FsSpec::of_type("ext4"), None)
     }
 
     const SITE: &str = r#"

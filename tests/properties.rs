@@ -572,16 +572,7 @@ fn name_catalog() -> &'static Catalog {
             min_free: MinFree::Bytes(0),
             setup_timeout: None,
         };
-        let cli = common.disk(
-            1 << 30,
-            FsSpec {
-                fs_type: "ext4".into(),
-                label: None,
-                mkfs_options: vec![],
-                command: None,
-            },
-            None,
-        );
+        let cli = common.disk(1 << 30, FsSpec::of_type("ext4"), None);
         let catalog = Catalog::load(&file, Some(cli), &common).expect("loads");
         let _ = std::fs::remove_dir_all(&dir);
         catalog
