@@ -380,7 +380,7 @@ pub fn export_name(data: &[u8]) {
 
 /// The reconnect handover's bytes (what one tmpdisk process sends
 /// another): selector 0 a taker's request, 1-3 a holder's offer with that
-/// many files minus one, 4 an overlay's block map for a disk whose size is
+/// many files, 4 an overlay's block map for a disk whose size is
 /// the next 5 bytes (up to 1 TiB). The oracle: a clean error or a value
 /// within bounds, never a panic or an allocation beyond the disk's map.
 pub fn handover(data: &[u8]) {
@@ -402,7 +402,7 @@ pub fn handover(data: &[u8]) {
             let _ = check_map(size, &rest[5..]);
         }
         n => {
-            if let Ok(o) = decode_offer(rest, usize::from(n - 1)) {
+            if let Ok(o) = decode_offer(rest, usize::from(n)) {
                 assert!(o.size > 0 && o.size <= i64::MAX as u64);
                 // The map is bounded by the disk: a leaf per 128 MiB.
                 assert!(o.owned_len() as u64 <= o.size.div_ceil(1 << 27) * LEAF_BYTES as u64);

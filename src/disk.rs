@@ -179,9 +179,14 @@ impl<'a> Disk<'a> {
         }
     }
 
-    /// The client's TLS identity, once it has one.
+    /// The client's TLS identity, once it has one. Negotiation starts over
+    /// after STARTTLS, and so does the disk: what was chosen (and held for
+    /// a reconnect) before it was chosen by an anonymous client.
     pub fn set_tls_subject(&mut self, subject: Option<String>) {
         self.tls_subject = subject;
+        self.holder = None;
+        self.chosen = None;
+        self.state = State::Empty;
     }
 
     /// The reconnect key of the chosen name, if it carries a token; a
@@ -225,7 +230,7 @@ impl<'a> Disk<'a> {
             message,
             refused: false,
         };
-        let handed = match reconnect::claim(settings, key) {
+        let handed = match reconnect::claim(settings, key, spec.size) {
             Ok(Claim::Nothing) => return Ok(false),
             Ok(Claim::Gone) => {
                 info!(key = %key.short(), "reconnect to a disk that is gone: refused");
@@ -244,14 +249,8 @@ impl<'a> Disk<'a> {
                 )));
             }
         };
-        // An overlay is never resized (no command runs on one): it is the
-        // export's size, which also bounds the block map read for it.
-        if handed.offer.kind == Kind::Overlay && handed.offer.size != spec.size {
-            return Err(failed(
-                "the disk handed over is not the export's size".into(),
-            ));
-        }
         let waited_ms = handed.waited_ms;
+        let listener = handed.listener;
         let mut files = handed.files.into_iter();
         let mut adopt = || -> Result<Served, String> {
             Ok(match (handed.offer.kind, files.next(), files.next()) {
@@ -280,29 +279,42 @@ impl<'a> Disk<'a> {
                 "the disk handed over is not the size it said".into(),
             ));
         }
+        // Hold it from here on, on the listening socket that came with it.
+        let connection = self.connection_dup().map_err(|e| failed(e.to_string()))?;
+        let holder = Holder::adopt(listener, key, connection)
+            .map_err(|e| failed(format!("cannot keep the disk for reconnects: {e}")))?;
         info!(key = %key.short(), waited_ms, size = handed.offer.size, "client reconnected to its disk");
+        self.holder = Some(holder);
         self.state = State::Ready(served);
         Ok(true)
     }
 
+    /// A duplicate of the client's connection, for a holder to shut down.
+    fn connection_dup(&self) -> std::io::Result<OwnedFd> {
+        self.client
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no connection to watch"))?
+            .try_clone()
+    }
+
     /// Listen for the next reconnect of this tokened disk.
     fn hold(&mut self, key: &Key, settings: &reconnect::Settings) -> Result<(), OpenError> {
-        let connection = self
-            .client
-            .as_ref()
-            .map(|c| c.try_clone())
-            .transpose()
-            .and_then(|c| c.ok_or_else(|| std::io::Error::other("no connection to watch")));
-        match connection.and_then(|c| Holder::listen(settings, key, c)) {
+        match self
+            .connection_dup()
+            .and_then(|c| Holder::listen(settings, key, c))
+        {
             Ok(h) => {
                 self.holder = Some(h);
                 Ok(())
             }
-            // Another connection holds this key already: two clients with
-            // one token, one disk.
+            // The name exists: another connection made a disk under it at
+            // the same moment, or its disk has ended (a token is for one
+            // disk).
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(OpenError {
                 reply: REP_ERR_UNKNOWN,
-                message: "no disk for this name here: another connection holds it".into(),
+                message: "no disk for this name here: it is gone or taken (a token is for \
+                          one disk)"
+                    .into(),
                 refused: true,
             }),
             Err(e) => Err(OpenError {
@@ -323,12 +335,12 @@ impl<'a> Disk<'a> {
         let (Some(holder), Some(settings)) = (self.holder.take(), self.reconnect) else {
             return;
         };
+        // A clean end, or no disk: dropping the holder leaves the name
+        // unanswered, so the token cannot start a fresh disk later.
         if clean && !holder.taken() {
-            holder.release();
             return;
         }
         let State::Ready(served) = &self.state else {
-            holder.release();
             return;
         };
         let key = self
@@ -459,6 +471,8 @@ impl<'a> Disk<'a> {
         if matches!(self.state, State::Ready(_) | State::Failed(_)) {
             self.state = State::Empty;
         }
+        // A disk held under the last name is gone with it.
+        self.holder = None;
         self.chosen = Some(Chosen {
             name: name.to_string(),
             shape,
@@ -632,9 +646,7 @@ impl Exports for Disk<'_> {
         if let (State::Empty, Some((key, settings))) = (&self.state, &token) {
             status::committed();
             let (key, settings) = (key.clone(), *settings);
-            if self.take_over(&key, settings, &spec)? {
-                self.hold(&key, settings)?;
-            }
+            self.take_over(&key, settings, &spec)?;
         }
         if let State::Empty = self.state {
             status::committed();

@@ -14,8 +14,9 @@ const VERSION: u8 = 1;
 pub const REQUEST_LEN: usize = 4 + 1 + 32;
 /// magic, version, kind, size, owned leaves, waited ms.
 pub const OFFER_LEN: usize = 4 + 1 + 1 + 8 + 8 + 8;
-/// The most files an offer carries (an overlay: delta and base).
-pub const MAX_FILES: usize = 2;
+/// The most files an offer carries (an overlay: delta, base and the
+/// listening socket).
+pub const MAX_FILES: usize = 3;
 /// One leaf of an overlay's block map on the wire: its index, then its
 /// words (see [`crate::overlay`]).
 pub const LEAF_BYTES: usize = 8 + 8 * crate::overlay::LEAF_WORDS;
@@ -23,17 +24,19 @@ pub const LEAF_BYTES: usize = 8 + 8 * crate::overlay::LEAF_WORDS;
 /// What kind of disk is handed over, and so which files come with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// One file: the image.
+    /// The image.
     Image,
-    /// Two files, the delta and the base, and the client's block map.
+    /// The delta and the base, and the client's block map.
     Overlay,
 }
 
 impl Kind {
+    /// The files that come with the offer: the disk's, then the holder's
+    /// listening socket.
     fn files(self) -> usize {
         match self {
-            Kind::Image => 1,
-            Kind::Overlay => 2,
+            Kind::Image => 2,
+            Kind::Overlay => 3,
         }
     }
 }
@@ -166,24 +169,24 @@ mod tests {
             leaves: 8,
             waited_ms: 1500,
         };
-        assert_eq!(decode_offer(&encode_offer(&o), 2), Ok(o.clone()));
-        assert!(decode_offer(&encode_offer(&o), 1).is_err(), "files");
+        assert_eq!(decode_offer(&encode_offer(&o), 3), Ok(o.clone()));
+        assert!(decode_offer(&encode_offer(&o), 2).is_err(), "files");
         let too_many = Offer {
             leaves: 9,
             ..o.clone()
         };
-        assert!(decode_offer(&encode_offer(&too_many), 2).is_err(), "leaves");
+        assert!(decode_offer(&encode_offer(&too_many), 3).is_err(), "leaves");
         let image = Offer {
             kind: Kind::Image,
             leaves: 1,
             ..o
         };
         assert!(
-            decode_offer(&encode_offer(&image), 1).is_err(),
+            decode_offer(&encode_offer(&image), 2).is_err(),
             "a map for an image"
         );
         let mut bad = encode_offer(&image);
         bad[5] = 9;
-        assert!(decode_offer(&bad, 1).is_err(), "kind");
+        assert!(decode_offer(&bad, 2).is_err(), "kind");
     }
 }

@@ -132,8 +132,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, BadHeader> {
     }
     let mut a = Reader::new(&buf[V2_FIXED..len]);
     let source = match (ver_cmd & 0x0f, fam) {
-        // LOCAL: the balancer's own connection (a health check).
-        (0, _) => None,
+        // LOCAL: the balancer's own connection (a health check); the spec
+        // says to discard the whole block, addresses and TLVs.
+        (0, _) => return Ok(Parsed::Header { len, source: None }),
         // PROXY over TCP or UDP on IPv4, then IPv6.
         (1, 0x11 | 0x12) => {
             let bad = BadHeader("an IPv4 block shorter than 12 bytes");
@@ -155,8 +156,14 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, BadHeader> {
             a.u16().ok_or(bad)?;
             Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(src)), sport))
         }
-        // UNSPEC or UNIX: no IP to speak of.
-        (1, 0x00 | 0x31 | 0x32) => None,
+        // UNSPEC: no addresses, and nothing said about the rest.
+        (1, 0x00) => return Ok(Parsed::Header { len, source: None }),
+        // UNIX: two 108-byte paths, no IP to speak of; TLVs follow.
+        (1, 0x31 | 0x32) => {
+            a.take(216)
+                .ok_or(BadHeader("a UNIX block shorter than 216 bytes"))?;
+            None
+        }
         (1, _) => return Err(BadHeader("an unknown address family")),
         _ => return Err(BadHeader("an unknown command")),
     };
@@ -243,7 +250,24 @@ mod tests {
             parse(&v2(1, 0x11, &with_tlv)),
             Ok(Parsed::Header { len: 34, .. })
         ));
-        // LOCAL: a health check; no address.
+        // LOCAL: a health check; no address, whatever the block holds.
+        assert_eq!(
+            parse(&v2(0, 0x11, &body)),
+            Ok(Parsed::Header {
+                len: 28,
+                source: None
+            })
+        );
+        // UNIX addresses, then a TLV.
+        let unix = [vec![b'/'; 216], vec![0x01, 0, 1, b'x']].concat();
+        assert_eq!(
+            parse(&v2(1, 0x31, &unix)),
+            Ok(Parsed::Header {
+                len: 16 + 220,
+                source: None
+            })
+        );
+        assert!(parse(&v2(1, 0x31, &unix[..100])).is_err());
         assert_eq!(
             parse(&v2(0, 0, &[])),
             Ok(Parsed::Header {

@@ -11,12 +11,12 @@
 //! half-open TCP connection after a network loss), hands over the disk's
 //! open files with `SCM_RIGHTS`, and exits; the taker serves on.
 //!
-//! The socket's name outlives the holder on purpose when a disk is lost
-//! (grace ran out, the holder was killed): a later connect to it is
-//! refused, so the taker knows the disk is gone and refuses the client
-//! rather than give it a fresh disk under its filesystem. After a clean
-//! `NBD_CMD_DISC` the holder removes the name, and the token may start a
-//! fresh disk again.
+//! The listening socket goes to the taker with the disk, so its name is
+//! answered for as long as the disk lives, and is never removed: when a
+//! disk ends (a clean `NBD_CMD_DISC`, a grace that ran out, a killed
+//! holder), the name stays, unanswered, and a later connection naming
+//! that token is refused rather than given a fresh disk under a mounted
+//! filesystem. A token is for one disk.
 //!
 //! The handover's bytes are parsed by [`crate::handover`]; this module
 //! moves them and the files.
@@ -107,7 +107,9 @@ pub enum Claim {
 pub struct Handed {
     pub offer: Offer,
     pub files: Vec<OwnedFd>,
-    /// For an overlay: the client's blocks (see [`handover::decode_owned`]).
+    /// The holder's listening socket, for [`Holder::adopt`].
+    pub listener: OwnedFd,
+    /// For an overlay: the client's blocks.
     pub owned: Vec<u8>,
     /// How long the disk waited for its client, as the holder said.
     pub waited_ms: u64,
@@ -115,9 +117,16 @@ pub struct Handed {
 
 /// How long a taker waits for a holder's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a holder waits for a connection's request: a taker sends its
+/// 37 bytes as soon as it connects. Short, because one connection is
+/// read at a time: a local user who connects and says nothing (socket
+/// names are visible in /proc/net/unix) delays a real taker by this
+/// much per such connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Ask the holder of `key`, if any, for its disk.
-pub fn claim(settings: &Settings, key: &Key) -> io::Result<Claim> {
+/// Ask the holder of `key`, if any, for its disk. `size` is the export's:
+/// an overlay must be that size, which also bounds its block map.
+pub fn claim(settings: &Settings, key: &Key, size: u64) -> io::Result<Claim> {
     let path = settings.dir.join(key.file_name());
     let mut s = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -130,7 +139,7 @@ pub fn claim(settings: &Settings, key: &Key) -> io::Result<Claim> {
     s.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     s.write_all(&handover::request(key.bytes()))?;
     let mut head = [0u8; handover::OFFER_LEN];
-    let (n, files) = match crate::sys::recv_with_files(s.as_fd(), &mut head) {
+    let (n, mut files) = match crate::sys::recv_with_files(s.as_fd(), &mut head) {
         Ok(got) => got,
         // No answer in time: the holder is not handing over.
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Claim::Gone),
@@ -144,14 +153,25 @@ pub fn claim(settings: &Settings, key: &Key) -> io::Result<Claim> {
     if n < head.len() {
         s.read_exact(&mut head[n..])?;
     }
-    let offer = handover::decode_offer(&head, files.len())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let offer = handover::decode_offer(&head, files.len()).map_err(|e| bad(e.to_string()))?;
+    if offer.kind == handover::Kind::Overlay && offer.size != size {
+        return Err(bad(format!(
+            "an overlay of {} bytes for an export of {size}",
+            offer.size
+        )));
+    }
     let mut owned = vec![0u8; offer.owned_len()];
     s.read_exact(&mut owned)?;
+    // The last file is the listening socket: the name goes with the disk.
+    let listener = files
+        .pop()
+        .ok_or_else(|| bad("no listening socket".into()))?;
     Ok(Claim::Disk(Handed {
         waited_ms: offer.waited_ms,
         offer,
         files,
+        listener,
         owned,
     }))
 }
@@ -159,9 +179,13 @@ pub fn claim(settings: &Settings, key: &Key) -> io::Result<Claim> {
 /// A taker that proved the key, waiting for the disk.
 type Taker = Arc<(Mutex<Option<UnixStream>>, Condvar)>;
 
-/// The holder of a tokened disk: its socket, and whoever came to take it.
+/// The holder of a tokened disk: its listening socket, and whoever came to
+/// take it.
 pub struct Holder {
-    path: PathBuf,
+    /// A duplicate of the listening socket (the thread has the other):
+    /// handed to the taker with the disk, else shut down on drop, which
+    /// ends the thread and leaves the name unanswered.
+    listener: Option<OwnedFd>,
     taker: Taker,
 }
 
@@ -169,15 +193,27 @@ impl Holder {
     /// Listen for takers of `key`. `connection` is a duplicate of the
     /// client's connection, shut down when a taker proves the key so that
     /// serving ends even on a connection that still looks alive. Fails
-    /// with `AddrInUse` when another holder has the key.
+    /// with `AddrInUse` when the name exists (another holder, or a disk
+    /// that has ended).
     pub fn listen(settings: &Settings, key: &Key, connection: OwnedFd) -> io::Result<Holder> {
         ensure_dir(&settings.dir)?;
         let path = settings.dir.join(key.file_name());
         let listener = UnixListener::bind(&path)?;
         // Takers run as other users under systemd (DynamicUser=): they must
-        // be able to connect. Knowing the name is what protects it (the
-        // directory is not listable), and the key is checked again.
+        // be able to connect. The key is what protects the disk: socket
+        // names are visible to every local user in /proc/net/unix.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        Self::start(listener, key, connection)
+    }
+
+    /// Go on holding a disk on the listening socket its last holder handed
+    /// over.
+    pub fn adopt(listener: OwnedFd, key: &Key, connection: OwnedFd) -> io::Result<Holder> {
+        Self::start(UnixListener::from(listener), key, connection)
+    }
+
+    fn start(listener: UnixListener, key: &Key, connection: OwnedFd) -> io::Result<Holder> {
+        let dup = listener.as_fd().try_clone_to_owned()?;
         let taker: Taker = Arc::new((Mutex::new(None), Condvar::new()));
         let found = taker.clone();
         let want = key.clone();
@@ -194,7 +230,10 @@ impl Holder {
         running
             .recv()
             .map_err(|_| io::Error::other("the reconnect thread did not start"))?;
-        Ok(Holder { path, taker })
+        Ok(Holder {
+            listener: Some(dup),
+            taker,
+        })
     }
 
     /// Whether a taker has proved the key (the connection was shut down
@@ -222,26 +261,39 @@ impl Holder {
         }
     }
 
-    /// A clean end: the token may start a fresh disk again.
-    pub fn release(self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-
-    /// Give the disk to `taker`: its name goes first (so the taker can
-    /// listen under it), then the offer with the files, then the overlay's
-    /// blocks.
+    /// Give the disk to `taker`: the offer with the disk's files and the
+    /// listening socket, then the overlay's blocks. If this fails, the
+    /// listening socket is shut down with the holder: the name stays
+    /// unanswered and the disk is gone, never replaced by a fresh one.
     pub fn hand_over(
-        self,
+        mut self,
         mut taker: UnixStream,
         offer: &Offer,
         files: &[std::os::fd::BorrowedFd<'_>],
         owned: &[u8],
     ) -> io::Result<()> {
-        std::fs::remove_file(&self.path)?;
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| io::Error::other("no listening socket"))?;
+        let mut all = files.to_vec();
+        all.push(listener.as_fd());
         let head = handover::encode_offer(offer);
-        let sent = crate::sys::send_with_files(taker.as_fd(), &head, files)?;
+        let sent = crate::sys::send_with_files(taker.as_fd(), &head, &all)?;
         taker.write_all(&head[sent..])?;
-        taker.write_all(owned)
+        taker.write_all(owned)?;
+        // The taker has the listening socket now: ours must not shut it.
+        self.listener = None;
+        Ok(())
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(l) = &self.listener {
+            // Wakes the thread's accept (EINVAL), which ends it.
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
     }
 }
 
@@ -250,9 +302,14 @@ impl Holder {
 /// serving thread.
 fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: Taker) {
     for s in listener.incoming() {
-        let Ok(mut s) = s else { continue };
+        let mut s = match s {
+            Ok(s) => s,
+            // The holder shut the socket down: it is done.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => return,
+            Err(_) => continue,
+        };
         let mut req = [0u8; REQUEST_LEN];
-        let proved = s.set_read_timeout(Some(ANSWER_TIMEOUT)).is_ok()
+        let proved = s.set_read_timeout(Some(REQUEST_TIMEOUT)).is_ok()
             && s.read_exact(&mut req).is_ok()
             && handover::decode_request(&req).is_ok_and(|k| same_key(&k, key.bytes()));
         if !proved {
@@ -265,15 +322,15 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
             *t = Some(s);
             cv.notify_all();
         }
-        // One disk, one taker: later ones find the listener gone when the
-        // process ends, or no name once the handover removed it.
+        // One disk, one taker at a time: the next one is accepted by the
+        // process the listening socket goes to.
         return;
     }
 }
 
 /// The reconnect directory: made if missing, sticky and not listable
 /// (`1733`), so that holders running as different users can each make
-/// and remove their own names and nobody can list them.
+/// their own names and nobody can remove another's.
 fn ensure_dir(dir: &Path) -> io::Result<()> {
     match std::fs::create_dir(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1733)),

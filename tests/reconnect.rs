@@ -83,7 +83,7 @@ fn read_line(out: &Output) -> &str {
 }
 
 #[test]
-fn a_dropped_client_gets_its_disk_back_and_a_clean_one_does_not() {
+fn a_dropped_client_gets_its_disk_back_and_a_clean_end_ends_the_token() {
     require(&["python3-nbd", "mkfs.ext4"]);
     let dir = TestDir::new("reconnect-basic");
     let (mut server, meet) = server(&dir, "20", &["64M"]);
@@ -99,12 +99,12 @@ fn a_dropped_client_gets_its_disk_back_and_a_clean_one_does_not() {
     let c = client(&uri(&dir, &name), 1 << 20, "", false);
     assert_eq!(read_line(&c), hex16("written by B"), "{c}");
     wait_no_image_holders(server.images(), "after a clean disconnect");
-    // After a clean disconnect the name is free again: a fresh disk.
+    // After a clean disconnect the disk is gone, and a token is for one
+    // disk: the name is refused, never a fresh disk.
     let d = client(&uri(&dir, &name), 1 << 20, "", false);
-    assert_eq!(
-        read_line(&d),
-        "0".repeat(32),
-        "a fresh disk after DISC: {d}"
+    assert!(
+        !d.status.success() && d.stderr.contains("no export named"),
+        "a token after its disk's clean end: {d}"
     );
     wait_no_image_holders(server.images(), "after the last client");
     assert_dir_empty(server.images(), "after all clients left");
@@ -121,8 +121,13 @@ fn a_dropped_client_gets_its_disk_back_and_a_clean_one_does_not() {
         !log.contains(TOKEN),
         "the token must not reach the log:\n{log}"
     );
-    // The clean ends removed their names: nothing waits in the directory.
-    assert_eq!(dir_entries(&meet), Vec::<String>::new());
+    // One name for the one disk, unanswered now that the disk has ended.
+    let names = dir_entries(&meet);
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        std::os::unix::net::UnixStream::connect(meet.join(&names[0])).is_err(),
+        "nobody answers for an ended disk"
+    );
 }
 
 #[test]
