@@ -152,8 +152,9 @@ pub struct Disk<'a> {
     mkfs_ms: u64,
     /// Keeping tokened disks for reconnects (None: off).
     reconnect: Option<&'a reconnect::Settings>,
-    /// The client's certificate subject: a reconnect must show the same.
-    tls_subject: Option<String>,
+    /// The client's certificate subject (DER): a reconnect must show the
+    /// same.
+    tls_subject: Option<Vec<u8>>,
     /// Listening for a reconnect of this (tokened) disk.
     holder: Option<Holder>,
 }
@@ -182,7 +183,7 @@ impl<'a> Disk<'a> {
     /// The client's TLS identity, once it has one. Negotiation starts over
     /// after STARTTLS, and so does the disk: what was chosen (and held for
     /// a reconnect) before it was chosen by an anonymous client.
-    pub fn set_tls_subject(&mut self, subject: Option<String>) {
+    pub fn set_tls_subject(&mut self, subject: Option<Vec<u8>>) {
         self.tls_subject = subject;
         self.holder = None;
         self.chosen = None;

@@ -45,14 +45,14 @@ pub struct Settings {
 pub struct Key([u8; 32]);
 
 impl Key {
-    pub fn new(export_name: &str, tls_subject: Option<&str>) -> Key {
+    pub fn new(export_name: &str, tls_subject: Option<&[u8]>) -> Key {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"tmpdisk reconnect key v1\0");
         ctx.update(export_name.as_bytes());
         ctx.update(b"\0");
         if let Some(s) = tls_subject {
             ctx.update(b"tls\0");
-            ctx.update(s.as_bytes());
+            ctx.update(s);
         }
         let mut k = [0; 32];
         k.copy_from_slice(ctx.finish().as_ref());
@@ -353,7 +353,10 @@ mod tests {
         for other in [
             Key::new("scratch:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5e", None),
             Key::new("other:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f", None),
-            Key::new("scratch:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f", Some("CN=a")),
+            Key::new(
+                "scratch:id=3f9c2d7e1a4b5c6d8e9f0a1b2c3d4e5f",
+                Some(b"CN=a".as_slice()),
+            ),
         ] {
             assert!(a != other);
             assert!(!same_key(a.bytes(), other.bytes()));

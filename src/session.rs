@@ -30,8 +30,10 @@ pub enum TlsIdentity {
     None,
     /// TLS without a client certificate.
     Anonymous,
-    /// TLS with a client certificate of this subject ("CN=alice,O=...").
-    Subject(String),
+    /// TLS with a client certificate of this subject: as text for the
+    /// logs ("CN=alice,O=..."), and as DER, which a reconnect must show
+    /// again.
+    Subject { text: String, der: Vec<u8> },
 }
 
 impl TlsIdentity {
@@ -41,8 +43,15 @@ impl TlsIdentity {
 
     fn subject(&self) -> &str {
         match self {
-            TlsIdentity::Subject(s) => s,
+            TlsIdentity::Subject { text, .. } => text,
             _ => "",
+        }
+    }
+
+    fn der(&self) -> Option<Vec<u8>> {
+        match self {
+            TlsIdentity::Subject { der, .. } => Some(der.clone()),
+            _ => None,
         }
     }
 }
@@ -93,10 +102,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         Ok((no_zeroes, NegotiationEnd::StartTls)) => match starttls(s, tls) {
             Ok((mut s, identity)) => {
                 // A reconnect finds its disk only under the same identity.
-                disk.set_tls_subject(match &identity {
-                    TlsIdentity::Subject(s) => Some(s.clone()),
-                    _ => None,
-                });
+                disk.set_tls_subject(identity.der());
                 // Everything negotiated before STARTTLS is forgotten: this
                 // is a new round with fresh state (CVE-2021-3716).
                 match negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Active) {
@@ -191,7 +197,10 @@ fn starttls(
         _ => Hangup::Protocol(format!("TLS handshake failed: {e}")),
     })?;
     let identity = match tls::peer_subject(&t) {
-        Some(subject) => TlsIdentity::Subject(subject),
+        Some(text) => TlsIdentity::Subject {
+            text,
+            der: tls::peer_subject_der(&t).unwrap_or_default(),
+        },
         None => TlsIdentity::Anonymous,
     };
     debug!(subject = identity.subject(), "TLS established");

@@ -168,10 +168,16 @@ pub fn peer_subject(tls: &TlsStream) -> Option<String> {
     subject(cert.as_ref())
 }
 
-/// Pull the subject distinguished name out of a DER certificate. Only the
-/// few DER shapes a certificate uses are parsed; anything unexpected gives
-/// `None`.
-pub fn subject(der: &[u8]) -> Option<String> {
+/// The client certificate's subject as DER, if it sent one: what a
+/// reconnect must show again (unlike the text above, it keeps every
+/// attribute and cannot be confused by commas in a value).
+pub fn peer_subject_der(tls: &TlsStream) -> Option<Vec<u8>> {
+    let cert = tls.conn.peer_certificates()?.first()?;
+    subject_name(cert.as_ref()).map(<[u8]>::to_vec)
+}
+
+/// The subject Name of a DER certificate, as the DER of its contents.
+fn subject_name(der: &[u8]) -> Option<&[u8]> {
     let (cert, _) = der_item(der, 0x30)?;
     let (tbs, _) = der_item(cert, 0x30)?;
     let mut rest = tbs;
@@ -183,7 +189,14 @@ pub fn subject(der: &[u8]) -> Option<String> {
     for tag in [0x02, 0x30, 0x30, 0x30] {
         rest = der_item(rest, tag)?.1;
     }
-    let (mut name, _) = der_item(rest, 0x30)?;
+    der_item(rest, 0x30).map(|(name, _)| name)
+}
+
+/// Pull the subject distinguished name out of a DER certificate. Only the
+/// few DER shapes a certificate uses are parsed; anything unexpected gives
+/// `None`.
+pub fn subject(der: &[u8]) -> Option<String> {
+    let mut name = subject_name(der)?;
     let mut parts = Vec::new();
     while !name.is_empty() {
         let (set, after) = der_item(name, 0x31)?;
