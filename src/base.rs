@@ -177,22 +177,31 @@ impl Base {
         sys::clone_file(image.as_fd(), self.file.as_fd())
     }
 
-    /// Bytes of the base that hold data (what a full copy writes).
-    pub fn data_bytes(&self) -> io::Result<u64> {
+    /// Call `f(offset, length)` for each run of the base that holds data,
+    /// in order: the one walk of its extents, for sizing a full copy and
+    /// for making it.
+    fn each_data_run(&self, mut f: impl FnMut(u64, u64) -> io::Result<()>) -> io::Result<()> {
         let mut runs = Vec::new();
-        let mut total = 0;
         let mut pos = 0;
         while pos < self.size {
             runs.clear();
             self.extents(pos, self.size - pos, 64, &mut runs)?;
             let Some(last) = runs.last() else { break };
             pos = last.offset + last.length;
-            total += runs
-                .iter()
-                .filter(|r| r.data)
-                .map(|r| r.length)
-                .sum::<u64>();
+            for r in runs.iter().filter(|r| r.data) {
+                f(r.offset, r.length)?;
+            }
         }
+        Ok(())
+    }
+
+    /// Bytes of the base that hold data (what a full copy writes).
+    pub fn data_bytes(&self) -> io::Result<u64> {
+        let mut total = 0;
+        self.each_data_run(|_, length| {
+            total += length;
+            Ok(())
+        })?;
         Ok(total)
     }
 
@@ -201,19 +210,12 @@ impl Base {
     /// needs the client's copy as one file). copy_file_range stays inside
     /// the kernel.
     pub fn copy_into(&self, image: &Image) -> io::Result<u64> {
-        let mut runs = Vec::new();
         let mut copied = 0;
-        let mut pos = 0;
-        while pos < self.size {
-            runs.clear();
-            self.extents(pos, self.size - pos, 64, &mut runs)?;
-            let Some(last) = runs.last() else { break };
-            pos = last.offset + last.length;
-            for r in runs.iter().filter(|r| r.data) {
-                copy_range(&self.file, image, r.offset, r.length)?;
-                copied += r.length;
-            }
-        }
+        self.each_data_run(|offset, length| {
+            copy_range(&self.file, image, offset, length)?;
+            copied += length;
+            Ok(())
+        })?;
         Ok(copied)
     }
 }
