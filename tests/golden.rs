@@ -223,30 +223,16 @@ fn clone_copies_on_a_reflink_tmpdir_take_no_space() {
         &[],
     );
     let xfs_path = images.parent().unwrap().to_path_buf();
-    let before = free_bytes(&xfs_path);
+    let before = statfs_bytes(&xfs_path, "%f");
     let held = HeldClient::start("h = connect(sys.argv[1])", "h.shutdown()", &[server.uri()]);
     wait_image_holders(&images, 1, "one client");
-    let taken = before.saturating_sub(free_bytes(&xfs_path));
+    let taken = before.saturating_sub(statfs_bytes(&xfs_path, "%f"));
     held.finish();
     assert!(
         taken <= MIB,
         "a fresh clone of a 512 MiB image took {taken} bytes of the tmpdir"
     );
     drop(xfs);
-}
-
-/// Free bytes of the filesystem at `path`.
-fn free_bytes(path: &Path) -> u64 {
-    let out = run_ok(
-        "stat -f",
-        cmd("stat", &["-f", "-c", "%f %S", path.to_str().unwrap()]),
-    );
-    let v: Vec<u64> = out
-        .stdout
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
-    v[0] * v[1]
 }
 
 /// `--command` runs on each client's copy: `tune2fs -U random` gives every

@@ -49,27 +49,13 @@ fn fill_leaving(dir: &Path, pages: u64) -> File {
     // The filler is unlinked: only the open fd keeps its pages, so nothing
     // is left if the test fails.
     std::fs::remove_file(&path).unwrap();
-    let free = statvfs_free(dir);
+    let free = statfs_bytes(dir, "%f");
     assert_eq!(
         free,
         pages * PAGE,
         "the tmpfs must have exactly {pages} free pages"
     );
     f
-}
-
-/// Free bytes in the filesystem at `dir`.
-fn statvfs_free(dir: &Path) -> u64 {
-    let out = run_ok(
-        "stat -f",
-        cmd("stat", &["-f", "-c", "%f %S", dir.to_str().unwrap()]),
-    );
-    let v: Vec<u64> = out
-        .stdout
-        .split_whitespace()
-        .map(|x| x.parse().unwrap())
-        .collect();
-    v[0] * v[1]
 }
 
 /// A raw client of a `--unix` server in `dir`, negotiated with `framing`.

@@ -958,6 +958,23 @@ pub fn blkid_tag(file: &Path, tag: &str) -> String {
     out.stdout.trim_end_matches('\n').to_string()
 }
 
+/// Blocks of the filesystem at `path` times its block size, as `stat -f`
+/// reports them: `count` is `%f` (free blocks) or `%a` (free blocks
+/// available to unprivileged users).
+pub fn statfs_bytes(path: &Path, count: &str) -> u64 {
+    let format = format!("{count} %S");
+    let out = run_ok(
+        "stat -f",
+        cmd("stat", &["-f", "-c", &format, path.to_str().unwrap()]),
+    );
+    let v: Vec<u64> = out
+        .stdout
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    v[0] * v[1]
+}
+
 /// Asserts `s` has exactly one non-empty line (an error message for people).
 pub fn assert_one_line(s: &str, what: &str) {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -1048,16 +1065,7 @@ impl Mount {
 
     /// Bytes available to unprivileged users, as statvfs says.
     pub fn free(&self) -> u64 {
-        let out = run_ok(
-            "stat -f",
-            cmd("stat", &["-f", "-c", "%a %S", self.path.to_str().unwrap()]),
-        );
-        let v: Vec<u64> = out
-            .stdout
-            .split_whitespace()
-            .map(|x| x.parse().unwrap())
-            .collect();
-        v[0] * v[1]
+        statfs_bytes(&self.path, "%a")
     }
 }
 
