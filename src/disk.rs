@@ -344,11 +344,7 @@ impl<'a> Disk<'a> {
         let State::Ready(served) = &self.state else {
             return;
         };
-        let key = self
-            .chosen
-            .as_ref()
-            .map(|c| Key::new(&c.name, self.tls_subject.as_deref()));
-        let short = key.as_ref().map(Key::short).unwrap_or_default();
+        let short = holder.key_short().to_string();
         let grace = settings.grace.as_secs();
         if !holder.taken() {
             info!(key = %short, grace_s = grace, "connection lost: keeping the disk for its client");

@@ -187,6 +187,8 @@ pub struct Holder {
     /// ends the thread and leaves the name unanswered.
     listener: Option<OwnedFd>,
     taker: Taker,
+    /// The key's hash for logs ([`Key::short`]).
+    key_short: String,
 }
 
 impl Holder {
@@ -233,7 +235,13 @@ impl Holder {
         Ok(Holder {
             listener: Some(dup),
             taker,
+            key_short: key.short(),
         })
+    }
+
+    /// The held key's hash, for logs.
+    pub fn key_short(&self) -> &str {
+        &self.key_short
     }
 
     /// Whether a taker has proved the key (the connection was shut down
