@@ -110,7 +110,21 @@ pub struct Args {
     #[arg(long, value_name = "DIR", env = "TMPDISK_RECONNECT_DIR")]
     pub reconnect_dir: Option<PathBuf>,
 
-    /// Standalone listeners: clients served at once; more wait in the backlog
+    /// Where every process serving a disk registers it for the capacity
+    /// agent [default: $XDG_RUNTIME_DIR/tmpdisk-clients, else
+    /// /run/tmpdisk-clients]
+    #[arg(long, value_name = "DIR", env = "TMPDISK_REGISTRY_DIR")]
+    pub registry_dir: Option<PathBuf>,
+
+    /// Agent: count the connected disks' unwritten space divided by this
+    /// (1 = every disk may fill up; 4 = a quarter of that is expected)
+    #[arg(long, value_name = "RATIO", env = "TMPDISK_OVERCOMMIT", default_value = "1",
+          value_parser = parse_overcommit)]
+    pub overcommit: f64,
+
+    /// Clients served at once (standalone listeners; more wait in the
+    /// backlog); the capacity agent's limit (set it to the socket's
+    /// MaxConnections)
     #[arg(long, value_name = "N", env = "TMPDISK_MAX_CONNECTIONS", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -182,6 +196,12 @@ pub struct Args {
     /// Standalone: listen on a Unix socket, one process per client
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
+
+    /// Be the capacity agent instead: answer HAProxy's agent-check on the
+    /// socket(s) (systemd's, or --listen/--unix) with what this host can
+    /// still take; never serves a disk
+    #[arg(long, conflicts_with = "stdio")]
+    pub agent: bool,
 }
 
 /// How this process meets its clients.
@@ -218,6 +238,23 @@ impl std::fmt::Display for MinFree {
             MinFree::Percent(p) => write!(f, "{p}%"),
         }
     }
+}
+
+fn parse_overcommit(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && (1.0..=1000.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "invalid --overcommit {s:?}: a ratio from 1 (no overcommit) to 1000"
+        )),
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/NAME` (a user's own tmpdisk), else `/run/NAME`.
+fn runtime_dir(name: &str) -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| PathBuf::from("/run"), PathBuf::from)
+        .join(name)
 }
 
 fn parse_min_free(s: &str) -> Result<MinFree, String> {
@@ -334,6 +371,14 @@ pub struct Config {
     pub reply_timeout: Option<Duration>,
     /// Keeping tokened disks for reconnects (None: --reconnect-grace 0).
     pub reconnect: Option<crate::reconnect::Settings>,
+    /// Where each disk is registered for the capacity agent.
+    pub registry_dir: PathBuf,
+    /// Answer agent checks instead of serving disks.
+    pub agent: bool,
+    /// The agent's overcommit ratio (≥ 1).
+    pub overcommit: f64,
+    /// The tmpdir's reserve (every export shares it).
+    pub min_free: MinFree,
     pub limits: ListenerLimits,
     pub mode: Mode,
     pub log_level: tracing::Level,
@@ -479,13 +524,18 @@ impl Config {
             reply_timeout: (a.reply_timeout > 0).then(|| Duration::from_secs(a.reply_timeout)),
             reconnect: (a.reconnect_grace > 0).then(|| crate::reconnect::Settings {
                 grace: Duration::from_secs(a.reconnect_grace),
-                dir: a.reconnect_dir.clone().unwrap_or_else(|| {
-                    std::env::var_os("XDG_RUNTIME_DIR")
-                        .filter(|d| !d.is_empty())
-                        .map_or_else(|| PathBuf::from("/run"), PathBuf::from)
-                        .join("tmpdisk-reconnect")
-                }),
+                dir: a
+                    .reconnect_dir
+                    .clone()
+                    .unwrap_or_else(|| runtime_dir("tmpdisk-reconnect")),
             }),
+            registry_dir: a
+                .registry_dir
+                .clone()
+                .unwrap_or_else(|| runtime_dir("tmpdisk-clients")),
+            agent: a.agent,
+            overcommit: a.overcommit,
+            min_free: a.min_free,
             limits: ListenerLimits {
                 max_connections: a.max_connections as usize,
                 per_source: (a.max_connections_per_source > 0)

@@ -26,7 +26,7 @@ use crate::nbd::storage::Storage;
 use crate::nbd::wire::{REP_ERR_POLICY, REP_ERR_UNKNOWN};
 use crate::overlay::Overlay;
 use crate::reconnect::{self, Claim, Holder, Key};
-use crate::{status, sys};
+use crate::{registry, status, sys};
 
 /// Space reserved beyond the data that is not worth a punch per hole after
 /// mkfs (mke2fs leaves 64 KiB; mkfs.xfs leaves its whole log).
@@ -104,6 +104,16 @@ impl Served {
         }
     }
 
+    /// A second handle on the file whose space [`Served::allocated`]
+    /// counts, for the registry to watch.
+    fn space_file(&self) -> std::io::Result<std::fs::File> {
+        let image = match self {
+            Served::Image(i, _) => i,
+            Served::Overlay(o) => o.delta(),
+        };
+        Ok(image.as_fd().try_clone_to_owned()?.into())
+    }
+
     /// How the base was copied: "clone", "overlay" or "copy"; "" without
     /// a base.
     pub fn copy(&self) -> &'static str {
@@ -157,6 +167,10 @@ pub struct Disk<'a> {
     tls_subject: Option<Vec<u8>>,
     /// Listening for a reconnect of this (tokened) disk.
     holder: Option<Holder>,
+    /// Where the disk is registered for the capacity agent (None: not).
+    registry: Option<&'a std::path::Path>,
+    /// The disk's registry entry, while it is ready.
+    entry: Option<registry::Entry>,
 }
 
 impl<'a> Disk<'a> {
@@ -166,6 +180,7 @@ impl<'a> Disk<'a> {
         exports: &'a Catalog,
         client: Option<OwnedFd>,
         reconnect: Option<&'a reconnect::Settings>,
+        registry: Option<&'a std::path::Path>,
     ) -> Self {
         Disk {
             exports,
@@ -177,6 +192,33 @@ impl<'a> Disk<'a> {
             reconnect,
             tls_subject: None,
             holder: None,
+            registry,
+            entry: None,
+        }
+    }
+
+    /// Keep the registry entry in step with the state: a ready disk has
+    /// one, anything else none. A disk that cannot be registered is still
+    /// served (the agent then undercounts this host: logged).
+    fn sync_registry(&mut self) {
+        let (State::Ready(served), Some(dir)) = (&self.state, self.registry) else {
+            self.entry = None;
+            return;
+        };
+        if self.entry.is_some() {
+            return;
+        }
+        let size = served.storage().size();
+        match served
+            .space_file()
+            .and_then(|f| registry::Entry::register(dir, size, f))
+        {
+            Ok(entry) => self.entry = Some(entry),
+            Err(e) => warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot register the disk: the capacity agent will not count it"
+            ),
         }
     }
 
@@ -188,6 +230,7 @@ impl<'a> Disk<'a> {
         self.holder = None;
         self.chosen = None;
         self.state = State::Empty;
+        self.entry = None;
     }
 
     /// The reconnect key of the chosen name, if it carries a token; a
@@ -467,6 +510,7 @@ impl<'a> Disk<'a> {
         };
         if matches!(self.state, State::Ready(_) | State::Failed(_)) {
             self.state = State::Empty;
+            self.entry = None;
         }
         // A disk held under the last name is gone with it.
         self.holder = None;
@@ -581,7 +625,7 @@ fn copy_base(base: &Base, image: &mut Image, spec: &DiskSpec) -> Result<Option<C
 }
 
 /// (free, total) bytes of the filesystem holding `dir`.
-fn free_space(dir: &std::path::Path) -> Result<(u64, u64), String> {
+pub(crate) fn free_space(dir: &std::path::Path) -> Result<(u64, u64), String> {
     let st = nix::sys::statvfs::statvfs(dir)
         .map_err(|e| format!("cannot check free space in {}: {e}", dir.display()))?;
     let frsize = st.fragment_size() as u64;
@@ -675,6 +719,7 @@ impl Exports for Disk<'_> {
             // Only mkfs needed to watch the client.
             self.client = None;
         }
+        self.sync_registry();
         match &self.state {
             State::Ready(served) => Ok(served.storage().size()),
             State::Failed(e) => Err(e.clone()),

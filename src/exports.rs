@@ -238,6 +238,15 @@ impl Catalog {
         })
     }
 
+    /// The size of a new client's disk, as the capacity agent plans for:
+    /// the default export's, else the smallest export's.
+    pub fn new_client_size(&self) -> u64 {
+        match &self.default {
+            Some(d) => d.disk.size,
+            None => self.named.values().map(|e| e.disk.size).min().unwrap_or(0),
+        }
+    }
+
     /// The export names, for a refusal's message: `"" (default)` for the
     /// default export.
     fn names(&self) -> Vec<String> {

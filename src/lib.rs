@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod activation;
+pub mod agent;
 pub mod base;
 pub mod cli;
 pub mod conn;
@@ -29,6 +30,7 @@ pub mod nbd;
 pub(crate) mod overlay;
 pub mod proxy;
 pub(crate) mod reconnect;
+pub mod registry;
 pub(crate) mod sandbox;
 pub mod session;
 pub(crate) mod status;

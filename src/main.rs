@@ -11,7 +11,7 @@ use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
 use tmpdisk::listener::ListenerError;
 use tmpdisk::tls::TlsError;
-use tmpdisk::{crash, ignore_sigxfsz, listener, logging, session, set_not_dumpable, tls};
+use tmpdisk::{agent, crash, ignore_sigxfsz, listener, logging, session, set_not_dumpable, tls};
 
 /// Why tmpdisk could not start (or its listener stopped), which decides
 /// the exit status: the one place start-up errors meet the documented
@@ -110,6 +110,9 @@ fn run() -> Result<ExitCode, StartError> {
         }
         None => None,
     };
+    if cfg.agent {
+        return run_agent(&cfg);
+    }
     match activation::activate(&cfg.mode).map_err(StartError::Activation)? {
         Activation::Connection { conn, peer } => Ok(ExitCode::from(session::serve(
             conn,
@@ -119,6 +122,20 @@ fn run() -> Result<ExitCode, StartError> {
         ))),
         Activation::Listen(l) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
+            listener::run(l, cfg.limits.clone(), &serve).map_err(StartError::Listener)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `--agent`: the same activation, answering capacity checks.
+fn run_agent(cfg: &Config) -> Result<ExitCode, StartError> {
+    match activation::activate(&cfg.mode).map_err(StartError::Activation)? {
+        Activation::Connection { conn, peer } => {
+            Ok(ExitCode::from(agent::answer(conn, &peer, cfg)))
+        }
+        Activation::Listen(l) => {
+            let serve = |conn, peer: String| agent::answer(conn, &peer, cfg);
             listener::run(l, cfg.limits.clone(), &serve).map_err(StartError::Listener)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -194,6 +194,11 @@ impl Overlay {
 
     /// What a handover sends: the delta, the base, and the block map (its
     /// leaves and bytes).
+    /// The client's own blocks: the file whose space the disk takes.
+    pub fn delta(&self) -> &Image {
+        &self.delta
+    }
+
     pub fn parts(&self) -> (&Image, &Base, u64, Vec<u8>) {
         let (n, map) = self.owned.borrow().encode();
         (&self.delta, &self.base, n, map)

@@ -198,7 +198,7 @@ impl Holder {
     /// with `AddrInUse` when the name exists (another holder, or a disk
     /// that has ended).
     pub fn listen(settings: &Settings, key: &Key, connection: OwnedFd) -> io::Result<Holder> {
-        ensure_dir(&settings.dir)?;
+        ensure_shared_dir(&settings.dir)?;
         let path = settings.dir.join(key.file_name());
         let listener = UnixListener::bind(&path)?;
         // Takers run as other users under systemd (DynamicUser=): they must
@@ -336,10 +336,11 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
     }
 }
 
-/// The reconnect directory: made if missing, sticky and not listable
-/// (`1733`), so that holders running as different users can each make
-/// their own names and nobody can remove another's.
-fn ensure_dir(dir: &Path) -> io::Result<()> {
+/// A directory that processes running as different users share (the
+/// reconnect directory, the registry): made if missing, sticky and not
+/// listable (`1733`), so that each can make its own names and nobody can
+/// remove (or list) another's.
+pub(crate) fn ensure_shared_dir(dir: &Path) -> io::Result<()> {
     match std::fs::create_dir(dir) {
         Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1733)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),

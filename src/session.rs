@@ -81,7 +81,12 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         }
     };
     let watch = conn.read_fd().try_clone_to_owned().ok();
-    let mut disk = Disk::new(&cfg.exports, watch, cfg.reconnect.as_ref());
+    let mut disk = Disk::new(
+        &cfg.exports,
+        watch,
+        cfg.reconnect.as_ref(),
+        Some(&cfg.registry_dir),
+    );
     let mut s = Stream::new(conn);
     debug!(%peer, "client connected");
     let policy = match (&cfg.tls, tls) {

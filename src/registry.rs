@@ -1,0 +1,375 @@
+//! This host's disks, as the capacity agent ([`crate::agent`]) counts
+//! them: one small file per live disk in the clients directory, which its
+//! process holds under an exclusive `flock` for as long as it lives, and
+//! rewrites every second with the disk's size and the space it takes.
+//!
+//! The lock, not the file, says a disk is alive: the kernel drops it when
+//! the process ends however it ends, so a process killed with SIGKILL
+//! leaves a file nobody holds, which the agent skips (and whoever may,
+//! removes: the process itself on every other exit, the agent when it
+//! can, `systemd-tmpfiles --clean` after a day without a write). Under
+//! systemd the directory is shared the way the reconnect directory is:
+//! sticky and not listable, so an instance can make its own file and
+//! nobody else's; the agent lists it with CAP_DAC_READ_SEARCH.
+//!
+//! An entry is one line of two fixed-width decimal numbers, so that a
+//! rewrite never leaves a longer old line's tail behind. Whatever else is
+//! in the directory, a local user's file included, is hostile: names,
+//! types and contents are checked, reads are bounded, and a bad entry is
+//! skipped with a debug line, never trusted.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use tracing::debug;
+
+/// How often a live disk's entry is rewritten. The agent's answer lags
+/// what a client wrote by at most this, and errs on the safe side: until
+/// the rewrite, the space is counted both as used (the filesystem's free
+/// space fell) and as still to be claimed (the entry says it is not
+/// written yet).
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// `{size:020} {taken:020}\n`
+const ENTRY_LEN: usize = 42;
+
+/// Name of an entry: 16 lowercase hex digits.
+const NAME_LEN: usize = 16;
+
+/// The most entries the agent reads in one answer: a directory flooded by
+/// a local user costs it bounded work. Far above any host's clients.
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// What one disk may still claim of the tmpdir's space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The disk's size: what it may take at most.
+    pub size: u64,
+    /// What it takes now.
+    pub taken: u64,
+}
+
+impl Claim {
+    /// Bytes it may still take.
+    pub fn outstanding(self) -> u64 {
+        self.size.saturating_sub(self.taken)
+    }
+
+    fn line(self) -> String {
+        format!("{:020} {:020}\n", self.size, self.taken)
+    }
+
+    fn parse(bytes: &[u8]) -> Option<Claim> {
+        if bytes.len() != ENTRY_LEN || bytes[20] != b' ' || bytes[41] != b'\n' {
+            return None;
+        }
+        let number = |b: &[u8]| -> Option<u64> {
+            if !b.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(b).ok()?.parse().ok()
+        };
+        Some(Claim {
+            size: number(&bytes[..20])?,
+            taken: number(&bytes[21..41])?,
+        })
+    }
+}
+
+/// This process's entry: held (locked) while it exists, removed when
+/// dropped; a thread rewrites it every [`REFRESH`].
+pub struct Entry {
+    path: PathBuf,
+    /// Dropping it ends the refresh thread.
+    _stop: mpsc::Sender<()>,
+}
+
+impl Entry {
+    /// Register a disk of `size` bytes whose space is what `image` (a
+    /// duplicate of its file) takes on disk.
+    pub fn register(dir: &Path, size: u64, image: File) -> std::io::Result<Entry> {
+        crate::reconnect::ensure_shared_dir(dir)?;
+        let (path, file) = create(dir)?;
+        // Blocking: an agent may hold a shared lock on the new file for
+        // the moment it takes to find it not yet held.
+        let locked = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
+        let write = move |file: &File| {
+            let taken = image
+                .metadata()
+                .map_or(0, |m| m.blocks().saturating_mul(512));
+            file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
+        };
+        if let Err(e) = write(&locked) {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name("registry".into())
+            // It formats a line and makes two system calls.
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let _ = started_tx.send(());
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+                    if let Err(e) = write(&locked) {
+                        debug!(error = %e, "cannot update the registry entry");
+                    }
+                }
+                // The lock goes with `locked`, here.
+            });
+        if let Err(e) = spawned {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        // A thread's start makes system calls of its own (rseq, signal
+        // stack, name) that the seccomp filter of the serving phase does
+        // not allow: it must be past them before that filter goes on
+        // (glibc aborts on a refused rseq: seen here as a crash).
+        let _ = started.recv();
+        Ok(Entry { path, _stop: stop })
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A new entry file with a random name, never an existing one.
+fn create(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+    let rng = ring::rand::SystemRandom::new();
+    for _ in 0..8 {
+        let raw: [u8; NAME_LEN / 2] = ring::rand::generate(&rng)
+            .map_err(|_| std::io::Error::other("no random numbers"))?
+            .expose();
+        let name: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free entry name"))
+}
+
+/// The claims of the disks alive now in `dir`, and how many entries were
+/// skipped (stale or not ours).
+pub fn census(dir: &Path) -> std::io::Result<(Vec<Claim>, usize)> {
+    let mut claims = Vec::new();
+    let mut skipped = 0;
+    let listing = match std::fs::read_dir(dir) {
+        Ok(l) => l,
+        // Made by the first disk registered: none yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((claims, 0)),
+        Err(e) => return Err(e),
+    };
+    for (i, dirent) in listing.enumerate() {
+        if i >= MAX_ENTRIES {
+            debug!(dir = %dir.display(), "registry: more than {MAX_ENTRIES} entries; the rest not read");
+            break;
+        }
+        let Ok(dirent) = dirent else {
+            skipped += 1;
+            continue;
+        };
+        match read_entry(&dirent.path()) {
+            Some(Some(claim)) => claims.push(claim),
+            Some(None) => {
+                // Nobody holds it: its process is gone, or it is being
+                // made this instant. Remove it once it is clearly old (a
+                // live entry is rewritten every REFRESH), if we may: a
+                // standalone agent runs as the servers' user.
+                let old = dirent
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > REFRESH * 10);
+                if old {
+                    let _ = std::fs::remove_file(dirent.path());
+                }
+                skipped += 1;
+            }
+            None => skipped += 1,
+        }
+    }
+    Ok((claims, skipped))
+}
+
+/// One entry: None if it is not one (bad name, type or content),
+/// Some(None) if it is stale, Some(Some(claim)) if it is alive.
+fn read_entry(path: &Path) -> Option<Option<Claim>> {
+    let name = path.file_name()?.to_str()?;
+    if name.len() != NAME_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        debug!(entry = %name.escape_debug(), "registry: not an entry name; skipped");
+        return None;
+    }
+    // O_NONBLOCK: a FIFO planted here must not stall the agent's open.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        debug!(entry = name, "registry: not a regular file; skipped");
+        return None;
+    }
+    let mut buf = [0u8; ENTRY_LEN + 1];
+    let mut len = 0;
+    // Bounded: one byte more than an entry tells a long file apart.
+    while len < buf.len() {
+        match (&file).read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(_) => return None,
+        }
+    }
+    let alive = match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_unlocked_on_drop) => false,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => true,
+        Err(_) => return None,
+    };
+    if !alive {
+        return Some(None);
+    }
+    match Claim::parse(&buf[..len]) {
+        Some(c) => Some(Some(c)),
+        None => {
+            debug!(entry = name, "registry: not an entry's content; skipped");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_reads_back_as_its_claim() {
+        let c = Claim {
+            size: 1 << 40,
+            taken: 12345,
+        };
+        assert_eq!(Claim::parse(c.line().as_bytes()), Some(c));
+        assert_eq!(c.outstanding(), (1 << 40) - 12345);
+        let full = Claim {
+            size: 10,
+            taken: 4096,
+        };
+        assert_eq!(full.outstanding(), 0);
+    }
+
+    #[test]
+    fn anything_but_a_line_is_not_a_claim() {
+        let good = Claim { size: 1, taken: 2 }.line();
+        for bad in [
+            "",
+            "1 2\n",
+            &good[..ENTRY_LEN - 1],
+            &format!("{good}x"),
+            &good.replace('\n', " "),
+            &good.replacen('0', "-", 1),
+            &good.replacen('0', "+", 1),
+            // 99999999999999999999 does not fit in a u64.
+            &format!("{} {:020}\n", "9".repeat(20), 0),
+        ] {
+            assert_eq!(Claim::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_entry_counts_while_held_and_a_stale_or_foreign_file_never() {
+        let dir = tempdir();
+        let image = tempfile_in(&dir, "image");
+        image.set_len(1 << 20).unwrap();
+        let entry = Entry::register(&dir, 1 << 30, image.try_clone().unwrap()).unwrap();
+        // Files that are not live entries: a bad name, a bad content, a
+        // FIFO, and a good line nobody holds.
+        std::fs::write(dir.join("not-an-entry"), Claim { size: 5, taken: 0 }.line()).unwrap();
+        std::fs::write(dir.join("00000000000000aa"), "junk").unwrap();
+        nix::unistd::mkfifo(&dir.join("00000000000000bb"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let stale = dir.join("00000000000000cc");
+        std::fs::write(&stale, Claim { size: 7, taken: 0 }.line()).unwrap();
+        let old = std::time::SystemTime::now() - REFRESH * 60;
+        File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let new_stale = dir.join("00000000000000dd");
+        std::fs::write(&new_stale, Claim { size: 9, taken: 0 }.line()).unwrap();
+        let (claims, skipped) = census(&dir).unwrap();
+        assert_eq!(
+            claims,
+            vec![Claim {
+                size: 1 << 30,
+                taken: 0
+            }]
+        );
+        assert_eq!(skipped, 6, "image, bad name, junk, FIFO, two stale");
+        assert!(!stale.exists(), "an old stale entry is removed");
+        assert!(new_stale.exists(), "a new one may be in the making: kept");
+        drop(entry);
+        let (claims, _) = census(&dir).unwrap();
+        assert!(claims.is_empty(), "{claims:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_entry_follows_what_the_image_takes() {
+        let dir = tempdir();
+        let image = tempfile_in(&dir, "image");
+        let _entry = Entry::register(&dir, 1 << 30, image.try_clone().unwrap()).unwrap();
+        image.write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
+        let deadline = std::time::Instant::now() + REFRESH * 5;
+        loop {
+            let (claims, _) = census(&dir).unwrap();
+            if claims[0].taken >= 4 << 20 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{claims:?}");
+            std::thread::sleep(REFRESH / 4);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "tmpdisk-registry-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir(&d).unwrap();
+        d
+    }
+
+    fn tempfile_in(dir: &Path, name: &str) -> File {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap()
+    }
+}
