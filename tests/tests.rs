@@ -9,6 +9,7 @@
 mod common;
 
 mod activation;
+mod balancer;
 mod errors;
 mod export_info;
 mod faults;

@@ -97,6 +97,11 @@ fn end_to_end(format: Format) {
              ListenStream={UNIX_SOCKET}\nSocketMode=0660\n"
         ),
     );
+    let agent_port = free_port();
+    ct.write(
+        "etc/systemd/system/tmpdisk-agent.socket.d/port.conf",
+        &format!("[Socket]\nListenStream=\nListenStream=127.0.0.1:{agent_port}\n"),
+    );
     ct.write(
         "etc/systemd/system/tmpdisk@.service.d/limits.conf",
         &format!("[Service]\nMemoryMax={DROPIN_MEMORY_MAX}\n"),
@@ -205,6 +210,7 @@ fn end_to_end(format: Format) {
     check_golden_image(&ct, &uri);
     check_named_exports(&ct, &uri);
     check_reconnect(&ct, &uri);
+    check_agent(&ct, &uri, agent_port);
 
     // The Unix socket of the drop-in serves the same way (seen from the
     // host through the container's root).
@@ -399,6 +405,8 @@ fn check_installed_files(ct: &Container, format: Format) {
         "usr/lib/systemd/system/tmpdisk.socket",
         "usr/lib/systemd/system/tmpdisk@.service",
         "usr/lib/systemd/system/tmpdisk.slice",
+        "usr/lib/systemd/system/tmpdisk-agent.socket",
+        "usr/lib/systemd/system/tmpdisk-agent@.service",
         "etc/tmpdisk/tmpdisk.conf",
         "etc/tmpdisk/exports.toml",
         "usr/lib/tmpfiles.d/tmpdisk.conf",
@@ -444,32 +452,38 @@ fn check_offline_analysis(ct: &Container) {
         "tmpdisk.socket",
         "tmpdisk@0.service",
         "tmpdisk.slice",
+        "tmpdisk-agent.socket",
+        "tmpdisk-agent@0.service",
     ]);
     assert!(
         verify.status.success() && verify.stdout.is_empty() && verify.stderr.is_empty(),
         "systemd-analyze verify must print nothing: {verify}"
     );
-    let security = ct.run(&[
-        "systemd-analyze",
-        "security",
-        "--offline=yes",
-        "--no-pager",
-        "tmpdisk@.service",
-    ]);
-    let score: f64 = security
-        .stdout
-        .lines()
-        .find_map(|l| l.split_once("Overall exposure level for tmpdisk@"))
-        .and_then(|(_, rest)| rest.split_once(": "))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in: {security}"));
-    eprintln!("systemd_e2e: systemd-analyze security exposure of tmpdisk@.service: {score}");
-    assert!(
-        score <= 0.5,
-        "exposure {score} is above 0.5: {}",
-        security.stdout
-    );
+    // The agent may list the registry (CAP_DAC_READ_SEARCH) and so runs
+    // without PrivateUsers=; otherwise the same sandbox.
+    for (unit, most) in [("tmpdisk@.service", 0.5), ("tmpdisk-agent@.service", 1.0)] {
+        let security = ct.run(&[
+            "systemd-analyze",
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            unit,
+        ]);
+        let score: f64 = security
+            .stdout
+            .lines()
+            .find_map(|l| l.split_once("Overall exposure level for "))
+            .and_then(|(_, rest)| rest.split_once(": "))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in: {security}"));
+        eprintln!("systemd_e2e: systemd-analyze security exposure of {unit}: {score}");
+        assert!(
+            score <= most,
+            "{unit}: exposure {score} is above {most}: {}",
+            security.stdout
+        );
+    }
 }
 
 /// Each running instance: the sandbox and limits as configured, a dynamic
@@ -950,14 +964,66 @@ fn check_reconnect(ct: &Container, uri: &str) {
     );
 }
 
+/// The capacity agent under its hardened unit: it sees the disks the
+/// instances (other dynamic users) register, and answers HAProxy's
+/// agent-check with the host's room: 64 slots (TMPDISK_MAX_CONNECTIONS's
+/// default, as tmpdisk.socket's MaxConnections), of which a connected
+/// client takes one.
+fn check_agent(ct: &Container, uri: &str, port: u16) {
+    let dir = ct.out(&["stat", "-c", "%a %U", "/run/tmpdisk-clients"]);
+    assert_eq!(dir, "1733 root", "the packaged registry directory");
+    ct.ok(&["systemctl", "enable", "--now", "tmpdisk-agent.socket"]);
+    let ask = || {
+        let mut line = String::new();
+        TcpStream::connect(("127.0.0.1", port))
+            .and_then(|mut s| s.read_to_string(&mut line))
+            .unwrap_or_else(|e| panic!("the agent on port {port}: {e}"));
+        line
+    };
+    assert_eq!(ask(), "ready 100% maxconn:64\n", "no client connected");
+    let mut a = Client::connect(uri, "agent A");
+    wait_until("A's instance", Duration::from_secs(30), || {
+        (ct.running_instances().len() == 1).then_some(())
+    });
+    assert_eq!(
+        ct.out(&["ls", "-A", "/run/tmpdisk-clients"])
+            .lines()
+            .count(),
+        1,
+        "one registry entry for the one disk"
+    );
+    assert_eq!(ask(), "ready 99% maxconn:64\n", "one client connected");
+    assert_eq!(a.request("bye"), "bye");
+    a.wait_exit();
+    wait_until("the entry to go", Duration::from_secs(30), || {
+        ct.out(&["ls", "-A", "/run/tmpdisk-clients"])
+            .is_empty()
+            .then_some(())
+    });
+    assert_eq!(ask(), "ready 100% maxconn:64\n", "the client gone");
+    let failed = ct.out(&[
+        "systemctl",
+        "list-units",
+        "--failed",
+        "--plain",
+        "--no-legend",
+    ]);
+    assert!(
+        !failed.contains("tmpdisk-agent"),
+        "no agent instance may fail: {failed}"
+    );
+}
+
 fn check_removed(ct: &Container, format: Format, port: u16) {
     wait_until(
         "no tmpdisk@ instance after removal",
         Duration::from_secs(30),
         || ct.instances().is_empty().then_some(()),
     );
-    let active = ct.out(&["systemctl", "is-active", "tmpdisk.socket"]);
-    assert_eq!(active, "inactive", "the socket must be stopped");
+    for socket in ["tmpdisk.socket", "tmpdisk-agent.socket"] {
+        let active = ct.out(&["systemctl", "is-active", socket]);
+        assert_eq!(active, "inactive", "{socket} must be stopped");
+    }
     let files = ct.out(&["systemctl", "list-unit-files", "--no-legend", "tmpdisk*"]);
     assert_eq!(files, "", "the unit files must be gone");
     for path in [
@@ -966,6 +1032,8 @@ fn check_removed(ct: &Container, format: Format, port: u16) {
         "usr/lib/systemd/system/tmpdisk.slice",
         "usr/bin/tmpdisk",
         "etc/systemd/system/sockets.target.wants/tmpdisk.socket",
+        "etc/systemd/system/sockets.target.wants/tmpdisk-agent.socket",
+        "usr/lib/systemd/system/tmpdisk-agent@.service",
     ] {
         assert!(
             !ct.host_path(path).exists(),
