@@ -104,14 +104,13 @@ impl Served {
         }
     }
 
-    /// A second handle on the file whose space [`Served::allocated`]
-    /// counts, for the registry to watch.
-    fn space_file(&self) -> std::io::Result<std::fs::File> {
-        let image = match self {
-            Served::Image(i, _) => i,
-            Served::Overlay(o) => o.delta(),
-        };
-        Ok(image.as_fd().try_clone_to_owned()?.into())
+    /// The file whose space [`Served::allocated`] counts (shared, not
+    /// duplicated), for the registry to watch.
+    fn space_file(&self) -> Arc<std::fs::File> {
+        match self {
+            Served::Image(i, _) => i.shared_file(),
+            Served::Overlay(o) => o.delta().shared_file(),
+        }
     }
 
     /// How the base was copied: "clone", "overlay" or "copy"; "" without
@@ -209,10 +208,7 @@ impl<'a> Disk<'a> {
             return;
         }
         let size = served.storage().size();
-        match served
-            .space_file()
-            .and_then(|f| registry::Entry::register(dir, size, f))
-        {
+        match registry::Entry::register(dir, size, served.space_file()) {
             Ok(entry) => self.entry = Some(entry),
             Err(e) => warn!(
                 dir = %dir.display(),

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use nix::fcntl::{FallocateFlags, PosixFadviseAdvice, fallocate, posix_fadvise};
 use nix::unistd::{Whence, lseek};
@@ -29,7 +30,9 @@ pub enum Anonymity {
 }
 
 pub struct Image {
-    file: File,
+    /// Shared with the registry's thread, which watches the space it
+    /// takes: a second descriptor would be a second open image.
+    file: Arc<File>,
     size: u64,
 }
 
@@ -62,7 +65,13 @@ impl Image {
                 e
             }
         })?;
-        Ok((Image { file, size }, how))
+        Ok((
+            Image {
+                file: Arc::new(file),
+                size,
+            },
+            how,
+        ))
     }
 
     /// An image whose file another process made and handed over (see
@@ -70,7 +79,15 @@ impl Image {
     pub fn adopt(fd: std::os::fd::OwnedFd) -> io::Result<Image> {
         let file = File::from(fd);
         let size = file.metadata()?.len();
-        Ok(Image { file, size })
+        Ok(Image {
+            file: Arc::new(file),
+            size,
+        })
+    }
+
+    /// The image's file, for the registry to watch (the same descriptor).
+    pub fn shared_file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
     }
 
     /// Bytes of real disk space the image occupies.

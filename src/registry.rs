@@ -20,13 +20,15 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use nix::fcntl::{Flock, FlockArg};
 use tracing::debug;
+
+use crate::sys::{self, Lock};
 
 /// How often a live disk's entry is rewritten. The agent's answer lags
 /// what a client wrote by at most this, and errs on the safe side: until
@@ -86,59 +88,72 @@ impl Claim {
 pub struct Entry {
     path: PathBuf,
     /// Dropping it ends the refresh thread.
-    _stop: mpsc::Sender<()>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Entry {
-    /// Register a disk of `size` bytes whose space is what `image` (a
-    /// duplicate of its file) takes on disk.
-    pub fn register(dir: &Path, size: u64, image: File) -> std::io::Result<Entry> {
+    /// Register a disk of `size` bytes whose space is what `image` (its
+    /// file, shared: the same descriptor) takes on disk.
+    pub fn register(dir: &Path, size: u64, image: Arc<File>) -> std::io::Result<Entry> {
         crate::reconnect::ensure_shared_dir(dir)?;
         let (path, file) = create(dir)?;
-        // Blocking: an agent may hold a shared lock on the new file for
-        // the moment it takes to find it not yet held.
-        let locked = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| e)?;
-        let write = move |file: &File| {
-            let taken = image
-                .metadata()
-                .map_or(0, |m| m.blocks().saturating_mul(512));
-            file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
-        };
-        if let Err(e) = write(&locked) {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        let (stop, stopped) = mpsc::channel::<()>();
-        let (started_tx, started) = mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name("registry".into())
-            // It formats a line and makes two system calls.
-            .stack_size(64 << 10)
-            .spawn(move || {
-                let _ = started_tx.send(());
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
-                    if let Err(e) = write(&locked) {
-                        debug!(error = %e, "cannot update the registry entry");
+        let made = (|| {
+            // Waiting: an agent may hold a shared lock on the new file
+            // for the moment it takes to find it not yet held.
+            sys::flock(file.as_fd(), Lock::Exclusive)?;
+            let write = move |file: &File| {
+                let taken = image
+                    .metadata()
+                    .map_or(0, |m| m.blocks().saturating_mul(512));
+                file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
+            };
+            write(&file)?;
+            let (stop, stopped) = mpsc::channel::<()>();
+            let (started_tx, started) = mpsc::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name("registry".into())
+                // It formats a line and makes two system calls.
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let _ = started_tx.send(());
+                    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+                        if let Err(e) = write(&file) {
+                            debug!(error = %e, "cannot update the registry entry");
+                        }
                     }
-                }
-                // The lock goes with `locked`, here.
-            });
-        if let Err(e) = spawned {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+                    // The lock goes with the file, closed here.
+                })?;
+            // A thread's start makes system calls of its own (rseq, signal
+            // stack, name) that the seccomp filter of the serving phase
+            // does not allow: it must be past them before that filter goes
+            // on (glibc aborts on a refused rseq: seen here as a crash).
+            let _ = started.recv();
+            Ok((stop, thread))
+        })();
+        match made {
+            Ok((stop, thread)) => Ok(Entry {
+                path,
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
         }
-        // A thread's start makes system calls of its own (rseq, signal
-        // stack, name) that the seccomp filter of the serving phase does
-        // not allow: it must be past them before that filter goes on
-        // (glibc aborts on a refused rseq: seen here as a crash).
-        let _ = started.recv();
-        Ok(Entry { path, _stop: stop })
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // The thread holds the image: it is gone (and the image closed, if
+        // this was the last holder) when the entry is.
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -241,9 +256,11 @@ fn read_entry(path: &Path) -> Option<Option<Claim>> {
             Err(_) => return None,
         }
     }
-    let alive = match Flock::lock(file, FlockArg::LockSharedNonblock) {
-        Ok(_unlocked_on_drop) => false,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => true,
+    // A shared lock we get means nobody holds the entry; it goes with
+    // `file`, closed on return.
+    let alive = match sys::flock(file.as_fd(), Lock::SharedNow) {
+        Ok(()) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
         Err(_) => return None,
     };
     if !alive {
@@ -300,7 +317,7 @@ mod tests {
         let dir = tempdir();
         let image = tempfile_in(&dir, "image");
         image.set_len(1 << 20).unwrap();
-        let entry = Entry::register(&dir, 1 << 30, image.try_clone().unwrap()).unwrap();
+        let entry = Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap())).unwrap();
         // Files that are not live entries: a bad name, a bad content, a
         // FIFO, and a good line nobody holds.
         std::fs::write(dir.join("not-an-entry"), Claim { size: 5, taken: 0 }.line()).unwrap();
@@ -338,7 +355,7 @@ mod tests {
     fn the_entry_follows_what_the_image_takes() {
         let dir = tempdir();
         let image = tempfile_in(&dir, "image");
-        let _entry = Entry::register(&dir, 1 << 30, image.try_clone().unwrap()).unwrap();
+        let _entry = Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap())).unwrap();
         image.write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
         let deadline = std::time::Instant::now() + REFRESH * 5;
         loop {

@@ -612,6 +612,37 @@ pub fn pending_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// How [`flock`] locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// Exclusive, waiting for other holders to let go.
+    Exclusive,
+    /// Shared, failing with `WouldBlock` while anyone holds it exclusively.
+    SharedNow,
+}
+
+/// `flock(2)` on `fd`. There is no unlock: the lock goes when the last
+/// descriptor of the open file is closed (a process's exit included),
+/// which is also why nix's `Flock` guard is not used: it unlocks on drop
+/// and panics if that fails, as `flock` does under the serving phase's
+/// seccomp filter.
+pub fn flock(fd: BorrowedFd<'_>, how: Lock) -> io::Result<()> {
+    let op = match how {
+        Lock::Exclusive => libc::LOCK_EX,
+        Lock::SharedNow => libc::LOCK_SH | libc::LOCK_NB,
+    };
+    loop {
+        // SAFETY: flock takes an fd and an integer; no memory is passed.
+        if unsafe { libc::flock(fd.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Make `dst` share all of `src`'s extents (FICLONE): a copy that copies
 /// nothing, where the filesystem can (xfs with reflink=1, btrfs,
 /// bcachefs) and both files are on it.

@@ -18,7 +18,7 @@ from .config import Config, Options, Settings
 from .golden import check_base, golden_images
 from .machine import machine, versions
 from .report import footer, golden_table, header, json_document, summarize, table
-from .rows import GROUPS, NAMED_PAIR, build_rows, select_rows
+from .rows import BALANCER_PAIR, GROUPS, NAMED_PAIR, build_rows, select_rows
 from .runner import run_once
 from .servers import Servers
 from .tools import find_tools
@@ -32,8 +32,8 @@ def parse_args():
         description="tmpdisk against nbdkit's tmpdisk plugin: same start-up, same workloads, one table.",
         epilog="Row groups for --only: %s; or row ids / globs (see --list), e.g. "
                "--only 'unix.*,connect_1G_ext4'.  The golden rows are opt-in: only --only golden (or a "
-               "golden.* id or glob) or --golden selects them; so is the named row: only --only named "
-               "(or a named.* id or glob).  See bench/README.md." % ", ".join(sorted(GROUPS)))
+               "golden.* id or glob) or --golden selects them; so are the named row and the balancer rows: only --only named "
+               "or --only balancer (or such an id or glob).  See bench/README.md." % ", ".join(sorted(GROUPS)))
     ap.add_argument("--quick", action="store_true", help="~1 min: 3 connects per row, 1 seq run, 1G empty "
                     "read, 1 s fio jobs, 10 clients")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -125,6 +125,7 @@ def main():
     nbdkit_rows = any(not r.optin for r in rows)
     golden_rows = any(r.peers for r in rows)
     named = any(r.optin == "named" for r in rows)
+    balancer = any(r.optin == "balancer" for r in rows)
     clone = any(r.id.startswith("golden.clone.") for r in rows)
     if clone and os.geteuid() != 0:
         sys.exit("bench/run: the golden clone rows loop-mount an xfs (reflink=1): run them as root, "
@@ -178,13 +179,16 @@ def main():
         return 130 if interrupted else 1
     summary = summarize(rows, runs)
     mach["load_end"] = os.getloadavg()
-    print(header(cfg, mach, ver, date, len(runs), opts.markdown, nbdkit_rows, named))
+    print(header(cfg, mach, ver, date, len(runs), opts.markdown, nbdkit_rows, named, balancer))
     if nbdkit_rows:
         print()
         print(table(summary, len(runs), opts.markdown))
     if named:
         print()
         print(table(summary, len(runs), opts.markdown, NAMED_PAIR))
+    if balancer:
+        print()
+        print(table(summary, len(runs), opts.markdown, BALANCER_PAIR))
     if golden_rows:
         print()
         print(golden_table(summary, len(runs), opts.markdown))

@@ -79,6 +79,7 @@ class Tools:
     qemu_nbd: Optional[str] = None     # only for the golden rows
     nbd_server: Optional[str] = None   # only for the golden rows
     mkfs_xfs: Optional[str] = None     # for the golden clone rows (and the xfs connect row)
+    haproxy: Optional[str] = None      # only for the balancer rows
 
 
 @dataclass(frozen=True)

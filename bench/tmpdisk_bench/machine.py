@@ -52,6 +52,8 @@ def versions(cfg):
         ver["qemu-nbd"] = "qemu-nbd " + (out([t.qemu_nbd, "--version"]).split() + ["?", "?"])[1]
     if t.nbd_server:  # "This is nbd-server version 3.24"
         ver["nbd-server"] = "nbd-server " + (out([t.nbd_server, "-V"]).split() or ["?"])[-1]
+    if t.haproxy:  # "HAProxy version 2.6.12-1+deb12u1 2023/12/16 - https://haproxy.org/"
+        ver["haproxy"] = "haproxy " + (out([t.haproxy, "-v"]).split() + ["?"] * 3)[2]
     return ver
 
 

@@ -48,6 +48,11 @@ def summarize(rows, runs):
         failed = any(run[r.id].get(a, (None, {}))[1].get("failed") for run in runs)
         tmed, nmed, rmed = median(tv), median(nv), median(ratios)
         met = r.met(tmed, rmed)
+        target = r.target_text
+        if r.added:  # the bound is on the difference, per repeat, then the median
+            added = median([t - n for t, n in zip(tv, nv) if t is not None and n is not None])
+            met = None if added is None else added <= r.target
+            target = "%s (%s %+.2f)" % (target, "added" if added is not None else "", added or 0)
         met = None if met is None else ("yes" if met else "NO")
         if r.id.endswith(".empty_read") and r.label.find("16G") < 0 and met:
             met += " (target is for 16G)"
@@ -55,7 +60,7 @@ def summarize(rows, runs):
             "id": r.id, "label": r.label, "unit": r.unit, "better": r.better,
             a: tmed, b: nmed, "pair": r.pair, "ratio": rmed,
             "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
-            "runs_with_ratio": len(ratios), "target": r.target_text, "absolute_target": r.absolute,
+            "runs_with_ratio": len(ratios), "target": target, "absolute_target": r.absolute,
             "met": "FAIL (data)" if failed else met, "info": r.info,
         })
     return out
@@ -150,16 +155,19 @@ def render(head, lines, right, markdown):
     return "\n".join([line(head), line(["-" * x for x in w])] + [line(c) for c in lines])
 
 
-def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False):
+def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False, balancer=False):
     """nbdkit_rows: rows against nbdkit were selected; named: the named
-    row was; cfg.golden is set when golden rows were."""
+    row was; balancer: the balancer rows were; cfg.golden is set when
+    golden rows were."""
     st, work, g = cfg.settings, cfg.work, cfg.golden
     mode = "quick" if st.quick else "full"
     title = ", ".join(([] if not nbdkit_rows else ["tmpdisk vs nbdkit tmpdisk"])
                       + ([] if not g else ["%stmpdisk --base vs qemu-nbd --snapshot and nbd-server copyonwrite"
                                            % ("and " if nbdkit_rows else "")])
                       + ([] if not named else ["%stmpdisk: a disk chosen by export name vs a fixed export"
-                                               % ("and " if nbdkit_rows or g else "")]))
+                                               % ("and " if nbdkit_rows or g else "")])
+                      + ([] if not balancer else ["%stmpdisk through HAProxy vs direct"
+                                                  % ("and " if nbdkit_rows or g or named else "")]))
     peers = ([ver["nbdkit"]] if nbdkit_rows else []) + ([ver["qemu-nbd"], ver["nbd-server"]] if g else [])
     lines = [
         "%s, %s, %s run%s" % (title, date, mode, ", median of %d repeats" % repeat if repeat > 1 else ""),
@@ -186,6 +194,15 @@ def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False
             "named: ratio = chosen/fixed; chosen = nbd://…/scratch:size=16G:type=xfs, fixed = nbd://…/xfs16; "
             "connect: median of %d each (after a warm-up connect each), the order alternating between repeats"
             % st.runs,
+        ]
+    if balancer:
+        lines += [
+            "balancer: one tmpdisk -t ext4 1G --proxy-protocol --proxy-from 127.0.0.2 under "
+            "systemd-socket-activate --accept on 127.0.0.1 (a process per client), images in %s (%s); "
+            "haproxy = %s in TCP mode in front (balance leastconn, send-proxy-v2, source 127.0.0.2, a TCP "
+            "check every 5 s), direct = the same socket; ratio = haproxy/direct; connect: median of %d each, "
+            "the order alternating between repeats; seq: %d run(s), 1 GiB each (the libnbd loop: client-bound)"
+            % (work.scratch_where, work.scratch_fs, ver.get("haproxy", "haproxy"), st.runs, st.seq_runs),
         ]
     if g:
         lines += [
@@ -232,7 +249,8 @@ def footer(summary, calib, elapsed, load_end, interrupted, markdown, base_check=
     the run was cut short."""
     tail = "elapsed %.0f s; load %.2f %.2f %.2f at end" % (elapsed, *load_end)
     missed = [s["label"] for s in summary if s["met"] and not s["met"].startswith("yes")]
-    unknown = [s["label"] for s in summary if not s["met"] and not (s["info"] and s["tmpdisk"] is not None)]
+    unknown = [s["label"] for s in summary
+               if not s["met"] and not (s["info"] and s.get(s.get("pair", ("tmpdisk",))[0]) is not None)]
     tail += "; targets missed: %s" % (", ".join(missed) if missed else "none")
     if unknown:
         tail += "; no result: %s" % ", ".join(unknown)

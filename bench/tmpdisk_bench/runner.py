@@ -2,7 +2,9 @@
 type) the selected rows need and which workloads run on each; every
 configuration is started fresh on both servers, in alternating order.
 Then the named row: one tmpdisk with an exports file, its chosen and its
-fixed export in an order that alternates between repeats.  Then the golden
+fixed export in an order that alternates between repeats.  Then the
+balancer rows: one tmpdisk with HAProxy in front, reached both ways in an
+order that alternates between repeats.  Then the golden
 rows: tmpdisk --base on each path and both peers, each started fresh, in
 an order that rotates from one repeat to the next."""
 
@@ -97,6 +99,9 @@ def run_once(cfg, servers, rows, rep, res):
     for r in rows:
         if r.optin == "named":
             run_named(cfg, servers, r, rep, res)
+    balancer = [r for r in rows if r.optin == "balancer"]
+    if balancer:
+        run_balancer(cfg, servers, balancer, rep, res)
     if any(r.peers for r in rows):
         run_golden(cfg, servers, [r for r in rows if r.peers], rep, res)
 
@@ -124,6 +129,40 @@ def run_named(cfg, servers, row, rep, res):
         log(str(e))
         for col in row.pair:
             res[row.id][col] = (None, {"error": str(e).splitlines()[0]})
+
+
+def run_balancer(cfg, servers, rows, rep, res):
+    """The balancer rows: one tmpdisk (as for the tcp rows, taking PROXY
+    headers from HAProxy's address) and HAProxy in front of it; each row's
+    workload through HAProxy and directly, on the same server, the first
+    alternating between repeats."""
+    pair = rows[0].pair
+    order = pair if rep % 2 == 0 else pair[::-1]
+    want = {r.id for r in rows}
+    log("tmpdisk-balancer: tcp 1G ext4 --proxy-protocol, haproxy in front: %s" % ", ".join(sorted(want)))
+    try:
+        with servers.start(cfg, "tmpdisk-balancer", "balancer", GiB, "ext4") as srv, \
+                servers.start(cfg, "haproxy", "balancer", GiB, "ext4",
+                              backend=srv.uri[len("nbd://"):]) as hp:
+            uris = {"haproxy": hp.uri, "direct": srv.uri}
+            for col in order:
+                got = {}
+                try:
+                    if "balancer.connect_1G_ext4" in want:
+                        got.update(w_connect(srv, cfg, "balancer.connect_1G_ext4", uri=uris[col]))
+                    if want & {"balancer.seq_write", "balancer.seq_read"}:
+                        got.update(w_seq(srv, cfg, "balancer", uri=uris[col]))
+                except (BenchError, nbd.Error, OSError, subprocess.SubprocessError) as e:
+                    log("balancer %s failed: %s" % (col, e))
+                    got.update({i: (None, {"error": str(e)}) for i in want if i not in got})
+                for rid in want:
+                    res[rid][col] = got.get(rid, (None, {"error": "not measured"}))
+                    log("  %-24s %-7s %s" % (rid, col, fmt(res[rid][col][0])))
+    except BenchError as e:  # it did not start
+        log(str(e))
+        for rid in want:
+            for col in pair:
+                res[rid].setdefault(col, (None, {"error": str(e).splitlines()[0]}))
 
 
 # the golden workloads, in the order they run on each server, and the measures (row id tails) of each

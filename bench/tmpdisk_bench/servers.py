@@ -2,8 +2,9 @@
 nbdkit's null plugin (the ceiling), each for one transport, size and type;
 and for the golden rows (transport "golden"), tmpdisk --base on its two
 paths (tmpdisk-overlay, tmpdisk-clone), qemu-nbd --snapshot and nbd-server
-with copyonwrite; and for the named row (transport "named"), tmpdisk with
-an exports file.  A Servers object owns every server of a run: each is
+with copyonwrite; for the named row (transport "named"), tmpdisk with
+an exports file; and for the balancer rows (transport "balancer"), tmpdisk
+taking PROXY headers and HAProxy in front of it.  A Servers object owns every server of a run: each is
 stopped when its `with` block ends, and whatever is still running when the
 Servers block ends (an exception, Ctrl-C, SIGTERM, a stop cut short) is
 stopped then."""
@@ -45,6 +46,31 @@ type = "xfs"
 """
 NAMED_CLIENTS = {"chosen": "scratch:size=16G:type=xfs", "fixed": "xfs16"}
 NAMED_SHAPE = (16 * GiB, "xfs")
+# The balancer rows: HAProxy connects to tmpdisk from this address, the one
+# --proxy-from lists, so that direct clients (from 127.0.0.1) are not taken
+# for the balancer.
+BALANCER_SOURCE = "127.0.0.2"
+# HAProxy as the README's haproxy.cfg runs it, with one server: TCP mode,
+# leastconn, the client's address sent with PROXY v2, a TCP check.
+HAPROXY_CFG = """\
+global
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+
+frontend nbd
+    bind {bind}
+    default_backend tmpdisk
+
+backend tmpdisk
+    balance leastconn
+    source {source}
+    server s1 {backend} send-proxy-v2 check check-send-proxy inter 5s
+"""
 # bench/tmpdisk_bench/activate.py, run as a program of its own (see there)
 ACTIVATE = os.path.join(os.path.dirname(os.path.realpath(__file__)), "activate.py")
 
@@ -76,10 +102,10 @@ class Servers:
             self.live.clear()
 
     @contextlib.contextmanager
-    def start(self, cfg, name, transport, size, fstype):
+    def start(self, cfg, name, transport, size, fstype, backend=None):
         """A server started now (BenchError if it does not come up), stopped
-        when the `with` block ends."""
-        srv = Server(cfg, name, transport, size, fstype)
+        when the `with` block ends.  backend: HAProxy's server (host:port)."""
+        srv = Server(cfg, name, transport, size, fstype, backend)
         self.live.append(srv)
         try:
             srv.start()
@@ -93,8 +119,9 @@ class Servers:
 class Server:
     """One server (tmpdisk or nbdkit) for one transport, size and type."""
 
-    def __init__(self, cfg, name, transport, size, fstype):
+    def __init__(self, cfg, name, transport, size, fstype, backend=None):
         self.cfg, self.name, self.transport = cfg, name, transport
+        self.backend = backend
         self.size, self.fstype = size, fstype
         self.proc = None
         self.known = {}  # pid -> start time of every process seen in our tree, for the final kill
@@ -109,6 +136,15 @@ class Server:
         env = ["-E", "TMPDIR=" + self.scratch, "-E", "PATH=" + SERVER_PATH]
         if self.transport == "golden":
             return self.golden_argv(endpoint, env)
+        if self.transport == "balancer":
+            if self.name == "haproxy":
+                conf = os.path.join(self.cfg.work.workdir, "haproxy.cfg")
+                with open(conf, "w") as f:
+                    f.write(HAPROXY_CFG.format(bind=endpoint, source=BALANCER_SOURCE, backend=self.backend))
+                return [tools.haproxy, "-db", "-f", conf]
+            # as tcp (a process per connection), taking PROXY headers from HAProxy only
+            return ([tools.socket_activate, "--accept", "-l", endpoint] + env
+                    + [tmpdisk, "--proxy-protocol", "--proxy-from", BALANCER_SOURCE, "-t", t, size])
         if self.transport == "named":  # as tcp (a process per connection), with the exports file
             exports = os.path.join(self.cfg.work.workdir, "exports.toml")
             with open(exports, "w") as f:
@@ -166,7 +202,7 @@ class Server:
     def start(self):
         last = None
         for attempt in range(3):
-            if self.transport in ("tcp", "named"):
+            if self.transport in ("tcp", "named", "balancer"):
                 port = free_port()
                 endpoint = "127.0.0.1:%d" % port
                 self.uri = "nbd://127.0.0.1:%d" % port
@@ -201,7 +237,7 @@ class Server:
             except BenchError as e:
                 last = e
                 self.stop()
-                if self.transport not in ("tcp", "tls", "golden", "named"):
+                if self.transport not in ("tcp", "tls", "golden", "named", "balancer"):
                     break
                 log("%s did not come up (attempt %d): %s" % (self.name, attempt + 1, e))
         raise BenchError("%s failed to start: %s\n%s" % (self.name, last, self.log_tail()))

@@ -58,6 +58,8 @@ def find_tools(rows):
         need.append("mkfs.xfs")
     if "tcp.connect_1G_vfat" in ids:
         need.append("mkfs.vfat")
+    if any(r.optin == "balancer" for r in rows):
+        need.append("haproxy")
     if any(r.peers for r in rows):  # golden: the peers, and for the clone path an xfs on a loop device
         need += ["qemu-nbd", "nbd-server"]
         if any(i.startswith("golden.clone.") for i in ids):
@@ -88,4 +90,4 @@ def find_tools(rows):
     return Tools(socket_activate=found["systemd-socket-activate"], nbdkit=found.get("nbdkit"),
                  fio=found["fio"] or "fio", nbdcopy=found.get("nbdcopy"), openssl=openssl,
                  qemu_nbd=found.get("qemu-nbd"), nbd_server=found.get("nbd-server"),
-                 mkfs_xfs=found.get("mkfs.xfs"))
+                 mkfs_xfs=found.get("mkfs.xfs"), haproxy=found.get("haproxy"))

@@ -85,12 +85,13 @@ def w_named_connect(srv, cfg, rid, export, shape):
     return w_connect(srv, cfg, rid, uri=uri)
 
 
-def w_seq(srv, cfg, tr):
+def w_seq(srv, cfg, tr, uri=None):
+    """uri: another way to the same server than srv.uri (the balancer rows)."""
     rs, depth, npat = 256 * KiB, 16, 17
     pats = [os.urandom(rs) for _ in range(npat)]
     wr, rd, bad, notes = [], [], 0, []
     for _ in range(cfg.settings.seq_runs):
-        h, _ = connect(srv.uri, 30)
+        h, _ = connect(uri or srv.uri, 30)
         try:
             size = h.get_size()
             total = min(GiB, size - size % rs)
