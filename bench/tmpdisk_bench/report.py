@@ -199,8 +199,8 @@ def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False
         lines += [
             "balancer: one tmpdisk -t ext4 1G --proxy-protocol --proxy-from 127.0.0.2 under "
             "systemd-socket-activate --accept on 127.0.0.1 (a process per client), images in %s (%s); "
-            "haproxy = %s in TCP mode in front (balance leastconn, send-proxy-v2, source 127.0.0.2, a TCP "
-            "check every 5 s), direct = the same socket; ratio = haproxy/direct; connect: median of %d each, "
+            "haproxy = %s in TCP mode in front (splice both ways, 1 MiB pipes, balance leastconn, "
+            "send-proxy-v2, source 127.0.0.2, a TCP check every 5 s), direct = the same socket; ratio = haproxy/direct; connect: median of %d each, "
             "the order alternating between repeats; seq: %d run(s), 1 GiB each (the libnbd loop: client-bound)"
             % (work.scratch_where, work.scratch_fs, ver.get("haproxy", "haproxy"), st.runs, st.seq_runs),
         ]

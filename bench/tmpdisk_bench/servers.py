@@ -51,16 +51,20 @@ NAMED_SHAPE = (16 * GiB, "xfs")
 # for the balancer.
 BALANCER_SOURCE = "127.0.0.2"
 # HAProxy as the README's haproxy.cfg runs it, with one server: TCP mode,
-# leastconn, the client's address sent with PROXY v2, a TCP check.
+# splicing with 1 MiB pipes, leastconn, the client's address sent with
+# PROXY v2, a TCP check.
 HAPROXY_CFG = """\
 global
     maxconn 4096
+    tune.pipesize 1048576
 
 defaults
     mode tcp
     timeout connect 5s
     timeout client 1h
     timeout server 1h
+    option splice-request
+    option splice-response
 
 frontend nbd
     bind {bind}
