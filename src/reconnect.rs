@@ -198,7 +198,7 @@ impl Holder {
     /// with `AddrInUse` when the name exists (another holder, or a disk
     /// that has ended).
     pub fn listen(settings: &Settings, key: &Key, connection: OwnedFd) -> io::Result<Holder> {
-        ensure_shared_dir(&settings.dir)?;
+        ensure_shared_dir(&settings.dir, Listing::Hidden)?;
         let path = settings.dir.join(key.file_name());
         let listener = UnixListener::bind(&path)?;
         // Takers run as other users under systemd (DynamicUser=): they must
@@ -336,13 +336,25 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
     }
 }
 
+/// Whether anyone may list a shared directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listing {
+    /// `1733`: the names are secrets (the reconnect directory).
+    Hidden,
+    /// `1777`: the names mean nothing (the registry).
+    Listable,
+}
+
 /// A directory that processes running as different users share (the
-/// reconnect directory, the registry): made if missing, sticky and not
-/// listable (`1733`), so that each can make its own names and nobody can
-/// remove (or list) another's.
-pub(crate) fn ensure_shared_dir(dir: &Path) -> io::Result<()> {
+/// reconnect directory, the registry): made if missing, sticky, so that
+/// each can make its own names and nobody can remove another's.
+pub(crate) fn ensure_shared_dir(dir: &Path, listing: Listing) -> io::Result<()> {
+    let mode = match listing {
+        Listing::Hidden => 0o1733,
+        Listing::Listable => 0o1777,
+    };
     match std::fs::create_dir(dir) {
-        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1733)),
+        Ok(()) => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }

@@ -8,9 +8,13 @@
 //! leaves a file nobody holds, which the agent skips (and whoever may,
 //! removes: the process itself on every other exit, the agent when it
 //! can, `systemd-tmpfiles --clean` after a day without a write). Under
-//! systemd the directory is shared the way the reconnect directory is:
-//! sticky and not listable, so an instance can make its own file and
-//! nobody else's; the agent lists it with CAP_DAC_READ_SEARCH.
+//! systemd the directory is like /tmp (`1777`): every instance (each its
+//! own dynamic user) makes and removes only its own file, and the agent
+//! (another one) lists the directory and reads the entries (`0644`)
+//! without any privilege. What that shows anyone else on the host is the
+//! number of disks and their sizes; what a local user can do there is
+//! add entries that make the host look fuller, which filling the tmpdir
+//! does as well.
 //!
 //! An entry is one line of two fixed-width decimal numbers, so that a
 //! rewrite never leaves a longer old line's tail behind. Whatever else is
@@ -21,13 +25,14 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use tracing::debug;
 
+use crate::reconnect::Listing;
 use crate::sys::{self, Lock};
 
 /// How often a live disk's entry is rewritten. The agent's answer lags
@@ -96,7 +101,7 @@ impl Entry {
     /// Register a disk of `size` bytes whose space is what `image` (its
     /// file, shared: the same descriptor) takes on disk.
     pub fn register(dir: &Path, size: u64, image: Arc<File>) -> std::io::Result<Entry> {
-        crate::reconnect::ensure_shared_dir(dir)?;
+        crate::reconnect::ensure_shared_dir(dir, Listing::Listable)?;
         let (path, file) = create(dir)?;
         let made = (|| {
             // Waiting: an agent may hold a shared lock on the new file
@@ -172,7 +177,12 @@ fn create(dir: &Path) -> std::io::Result<(PathBuf, File)> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
         {
-            Ok(f) => return Ok((path, f)),
+            Ok(f) => {
+                // Readable by the agent, another user (the unit's UMask
+                // would make it 0600).
+                f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+                return Ok((path, f));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
