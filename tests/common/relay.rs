@@ -1,6 +1,7 @@
 //! A TCP relay in front of a server whose connections a test can cut, as
 //! a network outage would: both sides see their connection end. New
-//! connections keep being relayed after a cut.
+//! connections keep being relayed after a cut, or, for an outage that
+//! lasts, are closed at once until it is over.
 
 use std::io::Read;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -8,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 /// Where a relay forwards to: a server's Unix socket.
 #[derive(Clone)]
@@ -36,6 +38,8 @@ impl Up {
 pub struct Relay {
     pub port: u16,
     live: Arc<Mutex<Vec<(TcpStream, Up)>>>,
+    /// Until when new connections are closed at once.
+    down_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Relay {
@@ -45,9 +49,15 @@ impl Relay {
         let port = listener.local_addr().expect("relay: address").port();
         let live: Arc<Mutex<Vec<(TcpStream, Up)>>> = Arc::default();
         let held = live.clone();
+        let down_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let down = down_until.clone();
         thread::spawn(move || {
             for c in listener.incoming() {
                 let Ok(c) = c else { return };
+                if down.lock().unwrap().is_some_and(|t| Instant::now() < t) {
+                    let _ = c.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let up = match &to {
                     Upstream::Unix(p) => UnixStream::connect(p).map(Up::Unix),
                 };
@@ -68,7 +78,18 @@ impl Relay {
                 held.lock().unwrap().push((c, up));
             }
         });
-        Relay { port, live }
+        Relay {
+            port,
+            live,
+            down_until,
+        }
+    }
+
+    /// An outage of `how_long`: every connection is cut now, and new ones
+    /// are closed at once until it is over.
+    pub fn outage(&self, how_long: Duration) -> usize {
+        *self.down_until.lock().unwrap() = Some(Instant::now() + how_long);
+        self.cut()
     }
 
     /// How many connections are relayed now.

@@ -13,7 +13,18 @@
 //!    mounted, no marker);
 //! 4. /dev/nbd0 and /dev/nbd1 on the same server at once are two disks;
 //! 5. `nbd-client -C 2` is refused by the kernel, as tmpdisk never
-//!    advertises multi-conn, and leaves the device unusable.
+//!    advertises multi-conn, and leaves the device unusable;
+//! 6. reconnect: a tokened export (`:id=TOKEN`, `--reconnect-grace`)
+//!    through a relay on the host, connected by examples/nbd-persist.rs
+//!    (the netlink half of a kernel client that reconnects: Debian 12's
+//!    nbd-client 3.24 quits when the connection dies, and 3.27.1's
+//!    `-persist` is never wired to its reconnect code). The relay is cut
+//!    while ~100 MiB are written back: the kernel holds the I/O, the
+//!    reconnect gets the same disk, the data reads back and `e2fsck` is
+//!    clean;
+//! 7. an outage longer than the grace: the disk is dropped, the reconnect
+//!    refused, and the kernel fails the I/O after its dead-connection
+//!    timeout; nothing is left on the host.
 //!
 //! tests/guest/prepare builds the guest (kernel, initramfs, qemu) from Debian
 //! 12 packages into target/guest/ once, and again when apt offers newer
@@ -21,6 +32,7 @@
 //! it cannot. The console log of the last run is kept as
 //! target/guest/last-console.log.
 
+use crate::common::relay::{Relay, Upstream};
 use crate::common::*;
 use std::fs;
 use std::io::Read;
@@ -41,7 +53,18 @@ const STEPS: &[&str] = &[
     "reconnect-fresh",
     "two-devices",
     "multi-conn-refused",
+    "persist",
+    "persist-expired",
 ];
+/// The reconnect scenarios: the server keeps a dropped disk this long; the
+/// short outage is well within it, the long one well past it; the kernel
+/// holds I/O for a reconnect for DEAD_TIMEOUT, longer than the long outage
+/// (so that the reconnect is refused before the kernel gives up).
+const GRACE: Duration = Duration::from_secs(8);
+const SHORT_OUTAGE: Duration = Duration::from_secs(2);
+const LONG_OUTAGE: Duration = Duration::from_secs(14);
+const DEAD_TIMEOUT: Duration = Duration::from_secs(25);
+const TOKEN: &str = "9c1f6e2d7b3a48c5a0e4d2f1b6c8e3a7";
 /// Connections each server must see: ext4-512, ext4-4096, two for
 /// reconnect-fresh, two for two-devices, two for `-C 2`; xfs-512 and
 /// xfs-4096.
@@ -169,6 +192,7 @@ fn initrd(base: &Path, init: &str, scratch: &Path) -> Vec<u8> {
         fs::remove_file(scratch.join(name)).unwrap();
     }
 
+    let helper = persist_helper();
     let mut files: Vec<(&str, u32, &[u8])> = vec![
         ("init", 0o100755, init.as_bytes()),
         ("data.sha256", 0o100644, sums.as_bytes()),
@@ -178,9 +202,47 @@ fn initrd(base: &Path, init: &str, scratch: &Path) -> Vec<u8> {
         data.iter()
             .map(|(n, b)| (n.as_str(), 0o100644, b.as_slice())),
     );
+    files.extend(
+        helper
+            .iter()
+            .map(|(n, mode, b)| (n.as_str(), *mode, b.as_slice())),
+    );
     let mut out = fs::read(base).unwrap_or_else(|e| panic!("reading {}: {e}", base.display()));
     pad(&mut out);
     out.extend(cpio(&files));
+    out
+}
+
+/// examples/nbd-persist.rs as the guest gets it: the binary (cargo test
+/// builds the examples next to the test binary's directory) as
+/// /sbin/nbd-persist, and the libraries it needs that the base initramfs
+/// may lack (its libc is Debian 12's, as the host's: not replaced).
+fn persist_helper() -> Vec<(String, u32, Vec<u8>)> {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("examples/nbd-persist"))
+        .expect("target/<profile>/examples");
+    let bytes = fs::read(&bin).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: cargo test builds the examples; build it with `cargo build --release --examples`",
+            bin.display()
+        )
+    });
+    let mut out = vec![("sbin/nbd-persist".to_string(), 0o100755, bytes)];
+    let ldd = run_ok("ldd", cmd("ldd", &[bin.to_str().unwrap()])).stdout;
+    for path in ldd
+        .lines()
+        .filter_map(|l| l.split("=> ").nth(1)?.split_whitespace().next())
+    {
+        let name = Path::new(path).file_name().unwrap().to_str().unwrap();
+        if name.starts_with("libc.so") {
+            continue;
+        }
+        let lib = fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        out.push((format!("lib/x86_64-linux-gnu/{name}"), 0o100644, lib));
+    }
     out
 }
 
@@ -282,12 +344,37 @@ fn kernel_nbd_client_in_a_guest() {
     // tmpdisk's default mkfs options for xfs, which must make a filesystem
     // that mounts at -b 4096 too (4 KiB sectors).
     let xfs = Server::start_in(&dir, Mode::Tcp, &xfs_images, &["-t", "xfs", "1G"], &[]);
+    // The reconnect server, behind a relay the test cuts.
+    let persist_images = dir.subdir("persist-images");
+    let grace = GRACE.as_secs().to_string();
+    let persist = Server::start_in(
+        &dir,
+        Mode::Unix,
+        &persist_images,
+        &[
+            "--reconnect-grace",
+            &grace,
+            "--reconnect-dir",
+            dir.subdir("reconnect").to_str().unwrap(),
+            "1G",
+        ],
+        &[],
+    );
+    let socket = persist
+        .uri()
+        .split("socket=")
+        .nth(1)
+        .expect("a Unix socket server");
+    let relay = Relay::start("127.0.0.1:0", Upstream::Unix(socket.into()));
 
     let template = fs::read_to_string(repo().join("tests/guest/init")).expect("tests/guest/init");
     let init = template
         .replace("@EXT4_PORT@", &port_of(&ext4).to_string())
         .replace("@XFS_PORT@", &port_of(&xfs).to_string())
-        .replace("@SIZE@", &SIZE.to_string());
+        .replace("@SIZE@", &SIZE.to_string())
+        .replace("@PERSIST_PORT@", &relay.port.to_string())
+        .replace("@TOKEN@", TOKEN)
+        .replace("@DEAD_TIMEOUT@", &DEAD_TIMEOUT.as_secs().to_string());
     assert!(!init.contains("@EXT4_PORT@") && !init.contains("@SIZE@"));
     let initrd_path = dir.join("initrd");
     let base = current.join("initramfs.cpio");
@@ -348,7 +435,9 @@ fn kernel_nbd_client_in_a_guest() {
         );
     };
 
-    // Watch the console until qemu exits, bounding every wait.
+    // Watch the console until qemu exits, bounding every wait; the guest's
+    // CUT and DOWN lines are outages of the relay.
+    let mut outages = 0;
     let mut seen = 0;
     let mut progress = Instant::now();
     let mut booted_after = None;
@@ -361,6 +450,23 @@ fn kernel_nbd_client_in_a_guest() {
             seen = ms.len();
             progress = Instant::now();
         }
+        let asked: Vec<&str> = ms
+            .iter()
+            .filter(|(w, _)| w == "CUT" || w == "DOWN")
+            .map(|(w, _)| w.as_str())
+            .collect();
+        for word in &asked[outages..] {
+            let how_long = if *word == "CUT" {
+                SHORT_OUTAGE
+            } else {
+                LONG_OUTAGE
+            };
+            let cut = relay.outage(how_long);
+            eprintln!(
+                "kernel NBD client: {word}: {cut} connection(s) cut, relay down for {how_long:?}"
+            );
+        }
+        outages = asked.len();
         if booted_after.is_none() && ms.iter().any(|(w, _)| w == "BOOTED") {
             booted_after = Some(started.elapsed());
         }
@@ -523,6 +629,28 @@ fn kernel_nbd_client_in_a_guest() {
         assert_dir_empty(images, "after the guest is gone");
     }
 
+    // The reconnect server: one disk, handed over once after the short
+    // outage, dropped after the long one, nothing left.
+    wait_no_image_holders(
+        &persist_images,
+        "after the guest is gone (reconnect server)",
+    );
+    let log = persist.proc.stderr();
+    for (what, count) in [
+        ("client reconnected to its disk", 1),
+        ("disk handed to its reconnecting client", 1),
+        ("no reconnect within the grace period: disk dropped", 1),
+    ] {
+        assert_eq!(
+            log.matches(what).count(),
+            count,
+            "reconnect server: {what:?}\n{log}"
+        );
+    }
+    assert_dir_empty(
+        &persist_images,
+        "after the guest is gone (reconnect server)",
+    );
     let uptime = |word: &str, step: &str| {
         ms.iter()
             .find(|(w, r)| w == word && r.split(' ').next() == Some(step))
@@ -535,6 +663,6 @@ fn kernel_nbd_client_in_a_guest() {
         booted_after.unwrap_or_default().as_secs_f64(),
         guest_time.as_secs_f64(),
         uptime("PASS", "setup"),
-        uptime("PASS", "multi-conn-refused"),
+        uptime("PASS", "persist-expired"),
     );
 }
