@@ -208,7 +208,14 @@ impl<'a> Disk<'a> {
             return;
         }
         let size = served.storage().size();
-        match registry::Entry::register(dir, size, served.space_file()) {
+        // A copy of the base may share all it holds with the base (a
+        // reflink clone, or a copy the filesystem cloned): none of that is
+        // the client's yet, and all of it may be copied on write.
+        let shared = match served {
+            Served::Image(i, Copy::Clone | Copy::Full) => i.allocated(),
+            _ => 0,
+        };
+        match registry::Entry::register(dir, size, served.space_file(), shared) {
             Ok(entry) => self.entry = Some(entry),
             Err(e) => warn!(
                 dir = %dir.display(),

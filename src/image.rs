@@ -92,8 +92,7 @@ impl Image {
 
     /// Bytes of real disk space the image occupies.
     pub fn allocated(&self) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().map_or(0, |m| m.blocks() * 512)
+        allocated_of(&self.file)
     }
 
     /// Make the file `size` bytes long again (a clone took the base's
@@ -219,6 +218,13 @@ impl Image {
     fn runs(&self, offset: u64, length: u64, max: usize, out: &mut Vec<Extent>) -> io::Result<()> {
         data_runs(&self.file, offset, length, max, out)
     }
+}
+
+/// Bytes of real disk space `file` occupies (0 if it cannot be told).
+pub(crate) fn allocated_of(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata()
+        .map_or(0, |m| m.blocks().saturating_mul(512))
 }
 
 /// Fill `buf` from `offset` of `file`; a range past the end of the file

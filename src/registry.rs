@@ -25,7 +25,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -99,21 +99,38 @@ pub struct Entry {
 
 impl Entry {
     /// Register a disk of `size` bytes whose space is what `image` (its
-    /// file, shared: the same descriptor) takes on disk.
-    pub fn register(dir: &Path, size: u64, image: Arc<File>) -> std::io::Result<Entry> {
+    /// file, shared: the same descriptor) takes on disk beyond `baseline`
+    /// (what a clone shares with the base: it may all still be copied on
+    /// write, so it is not counted as taken).
+    pub fn register(
+        dir: &Path,
+        size: u64,
+        image: Arc<File>,
+        baseline: u64,
+    ) -> std::io::Result<Entry> {
         crate::reconnect::ensure_shared_dir(dir, Listing::Listable)?;
-        let (path, file) = create(dir)?;
+        let name = random_name()?;
+        // Made under a name the agent skips, private, locked and written
+        // before it gets its entry name: an entry is never seen half-made,
+        // and nobody else can take its lock first.
+        let temp = dir.join(format!(".new-{name}"));
+        let path = dir.join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp)?;
+        let write = move |file: &File| {
+            let taken = crate::image::allocated_of(&image).saturating_sub(baseline);
+            file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
+        };
         let made = (|| {
-            // Waiting: an agent may hold a shared lock on the new file
-            // for the moment it takes to find it not yet held.
-            sys::flock(file.as_fd(), Lock::Exclusive)?;
-            let write = move |file: &File| {
-                let taken = image
-                    .metadata()
-                    .map_or(0, |m| m.blocks().saturating_mul(512));
-                file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
-            };
+            sys::flock(file.as_fd(), Lock::ExclusiveNow)?;
             write(&file)?;
+            // Readable by the agent, another user.
+            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            std::fs::rename(&temp, &path)?;
             let (stop, stopped) = mpsc::channel::<()>();
             let (started_tx, started) = mpsc::channel::<()>();
             let thread = std::thread::Builder::new()
@@ -143,6 +160,7 @@ impl Entry {
                 thread: Some(thread),
             }),
             Err(e) => {
+                let _ = std::fs::remove_file(&temp);
                 let _ = std::fs::remove_file(&path);
                 Err(e)
             }
@@ -162,36 +180,19 @@ impl Drop for Entry {
     }
 }
 
-/// A new entry file with a random name, never an existing one.
-fn create(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+/// A fresh entry name: 16 random hex digits.
+fn random_name() -> std::io::Result<String> {
     let rng = ring::rand::SystemRandom::new();
-    for _ in 0..8 {
-        let raw: [u8; NAME_LEN / 2] = ring::rand::generate(&rng)
-            .map_err(|_| std::io::Error::other("no random numbers"))?
-            .expose();
-        let name: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let path = dir.join(name);
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(f) => {
-                // Readable by the agent, another user (the unit's UMask
-                // would make it 0600).
-                f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-                return Ok((path, f));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(std::io::Error::other("no free entry name"))
+    let raw: [u8; NAME_LEN / 2] = ring::rand::generate(&rng)
+        .map_err(|_| std::io::Error::other("no random numbers"))?
+        .expose();
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The claims of the disks alive now in `dir`, and how many entries were
-/// skipped (stale or not ours).
+/// skipped (stale or not ours). A directory with more than [`MAX_ENTRIES`]
+/// files is an error: what it holds cannot be counted in bounded work,
+/// and a host that cannot count its disks takes no more.
 pub fn census(dir: &Path) -> std::io::Result<(Vec<Claim>, usize)> {
     let mut claims = Vec::new();
     let mut skipped = 0;
@@ -203,8 +204,9 @@ pub fn census(dir: &Path) -> std::io::Result<(Vec<Claim>, usize)> {
     };
     for (i, dirent) in listing.enumerate() {
         if i >= MAX_ENTRIES {
-            debug!(dir = %dir.display(), "registry: more than {MAX_ENTRIES} entries; the rest not read");
-            break;
+            return Err(std::io::Error::other(format!(
+                "more than {MAX_ENTRIES} files: not counted"
+            )));
         }
         let Ok(dirent) = dirent else {
             skipped += 1;
@@ -327,7 +329,8 @@ mod tests {
         let dir = tempdir();
         let image = tempfile_in(&dir, "image");
         image.set_len(1 << 20).unwrap();
-        let entry = Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap())).unwrap();
+        let entry =
+            Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap()), 0).unwrap();
         // Files that are not live entries: a bad name, a bad content, a
         // FIFO, and a good line nobody holds.
         std::fs::write(dir.join("not-an-entry"), Claim { size: 5, taken: 0 }.line()).unwrap();
@@ -365,7 +368,8 @@ mod tests {
     fn the_entry_follows_what_the_image_takes() {
         let dir = tempdir();
         let image = tempfile_in(&dir, "image");
-        let _entry = Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap())).unwrap();
+        let _entry =
+            Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap()), 0).unwrap();
         image.write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
         let deadline = std::time::Instant::now() + REFRESH * 5;
         loop {

@@ -615,8 +615,8 @@ pub fn pending_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// How [`flock`] locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
-    /// Exclusive, waiting for other holders to let go.
-    Exclusive,
+    /// Exclusive, failing with `WouldBlock` while anyone holds it.
+    ExclusiveNow,
     /// Shared, failing with `WouldBlock` while anyone holds it exclusively.
     SharedNow,
 }
@@ -628,7 +628,7 @@ pub enum Lock {
 /// seccomp filter.
 pub fn flock(fd: BorrowedFd<'_>, how: Lock) -> io::Result<()> {
     let op = match how {
-        Lock::Exclusive => libc::LOCK_EX,
+        Lock::ExclusiveNow => libc::LOCK_EX | libc::LOCK_NB,
         Lock::SharedNow => libc::LOCK_SH | libc::LOCK_NB,
     };
     loop {

@@ -345,7 +345,7 @@ fn three_hosts_behind_haproxy_with_their_agents() {
         cmd("haproxy", &["-c", "-f", cfg.to_str().unwrap()]),
     );
     assert!(check.status.success(), "{check}");
-    let haproxy = Proc::spawn(
+    let mut haproxy = Proc::spawn(
         "haproxy",
         cmd("haproxy", &["-db", "-f", cfg.to_str().unwrap()]),
     );
@@ -404,12 +404,61 @@ fn three_hosts_behind_haproxy_with_their_agents() {
     let logged: usize = hosts.iter().map(|h| h.served().len()).sum();
     assert_eq!(logged, 60, "no other peer (HAProxy's own) was served");
 
-    // The agent against the host's measured free space and registry.
+    // The agent against the host's measured free space and registry:
+    // host3's clients are all registered, and with a 1 GiB tmpdir the
+    // slots decide (20 of 40 left).
+    let on3 = on.get("host3").map_or(0, Vec::len);
+    assert_eq!(
+        dir_entries(&h3.registry).len(),
+        on3,
+        "one registry entry per client on host3"
+    );
     let answer = wait_until("host3's agent to match", Duration::from_secs(10), || {
         let (want, got) = (expected_answer(&h3), h3.ask());
         (want == got).then_some(got)
     });
-    assert!(answer.starts_with("ready "), "{answer}");
+    assert_eq!(
+        answer,
+        format!(
+            "ready {}% maxconn:{SLOTS}\n",
+            ((SLOTS - on3 as u64) * 100).div_ceil(SLOTS)
+        )
+    );
+    // The connected disks' claims decide: with all but 150 MiB kept free,
+    // what is left is less than they may still write (about 20 × 15 MiB),
+    // and no new disk fits; expecting them to write a hundredth of that,
+    // 9 do. Without the claims (a registry nobody wrote) both would say 9.
+    let keep = (fs3.free() - 150 * MIB).to_string();
+    let claims = |extra: &[&str]| {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "--agent",
+            "--listen",
+            &addr,
+            "--tmpdir",
+            fs3.path().to_str().unwrap(),
+            "--registry-dir",
+            h3.registry.to_str().unwrap(),
+            "--min-free",
+            &keep,
+        ];
+        args.extend_from_slice(extra);
+        args.push(SIZE_ARG);
+        let _agent = Proc::spawn("claims agent", tmpdisk_cmd(&args));
+        wait_until("the claims agent", Duration::from_secs(10), || {
+            let mut line = String::new();
+            let mut s = TcpStream::connect(&addr).ok()?;
+            s.read_to_string(&mut line).ok()?;
+            Some(line)
+        })
+    };
+    assert_eq!(claims(&[]), "drain\n", "the claims fill what is left");
+    let overcommitted = claims(&["--overcommit", "100"]);
+    assert!(
+        overcommitted.starts_with("ready ") && overcommitted.ends_with(&format!(":{}\n", on3 + 9)),
+        "overcommitted 100x: {overcommitted}"
+    );
 
     // Fill host3's tmpdir: its agent drains it within two agent
     // intervals, and new clients go to the others without an error.
@@ -484,6 +533,11 @@ fn three_hosts_behind_haproxy_with_their_agents() {
     let t = Instant::now();
     let refused = Client::connect(port, 99);
     assert!(refused.is_err(), "every host is full: no disk");
+    assert!(
+        haproxy.try_status().is_none(),
+        "turned away by a running HAProxy\n{}",
+        haproxy.describe()
+    );
     let turned_away = t.elapsed();
     assert!(turned_away < Duration::from_secs(15), "{turned_away:?}");
     assert_eq!([h1.served().len(), h3.served().len()], served);

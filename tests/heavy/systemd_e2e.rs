@@ -223,6 +223,14 @@ fn end_to_end(format: Format) {
 
     // TLS with the certificates passed as systemd credentials.
     let tls_uri = enable_tls(&ct, port);
+    // The agent reads the same tmpdisk.conf, now with TLS on, and the
+    // certificates are the disks' credentials only: it answers all the
+    // same.
+    assert_eq!(
+        agent_answer(agent_port),
+        "ready 100% maxconn:64\n",
+        "the agent with TLS on"
+    );
 
     // An upgrade (here: reinstalling) leaves a connected client alone.
     let mut c = Client::connect(&tls_uri, "client C");
@@ -971,13 +979,7 @@ fn check_agent(ct: &Container, uri: &str, port: u16) {
     let dir = ct.out(&["stat", "-c", "%a %U", "/run/tmpdisk-clients"]);
     assert_eq!(dir, "1777 root", "the packaged registry directory");
     ct.ok(&["systemctl", "enable", "--now", "tmpdisk-agent.socket"]);
-    let ask = || {
-        let mut line = String::new();
-        TcpStream::connect(("127.0.0.1", port))
-            .and_then(|mut s| s.read_to_string(&mut line))
-            .unwrap_or_else(|e| panic!("the agent on port {port}: {e}"));
-        line
-    };
+    let ask = || agent_answer(port);
     assert_eq!(ask(), "ready 100% maxconn:64\n", "no client connected");
     let mut a = Client::connect(uri, "agent A");
     wait_until("A's instance", Duration::from_secs(30), || {
@@ -1010,6 +1012,15 @@ fn check_agent(ct: &Container, uri: &str, port: u16) {
         !failed.contains("tmpdisk-agent"),
         "no agent instance may fail: {failed}"
     );
+}
+
+/// One answer of the capacity agent on `port`.
+fn agent_answer(port: u16) -> String {
+    let mut line = String::new();
+    TcpStream::connect(("127.0.0.1", port))
+        .and_then(|mut s| s.read_to_string(&mut line))
+        .unwrap_or_else(|e| panic!("the agent on port {port}: {e}"));
+    line
 }
 
 fn check_removed(ct: &Container, format: Format, port: u16) {
