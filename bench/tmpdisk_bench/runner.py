@@ -16,7 +16,8 @@ from .common import GiB, BenchError, log, size_str
 from .report import fmt
 from .rows import GOLDEN_PATHS, GOLDEN_PEERS
 from .servers import NAMED_CLIENTS, NAMED_SHAPE
-from .workloads import (settle, w_clients, w_connect, w_empty, w_fio, w_golden_disk, w_golden_seq,
+from .servers import FILLED
+from .workloads import (settle, w_clients, w_connect, w_cseq, w_empty, w_fio, w_golden_disk, w_golden_seq,
                         w_named_connect, w_seq)
 
 SERVERS = ("tmpdisk", "nbdkit")
@@ -38,6 +39,10 @@ def plan(settings, rows):
     add("tcp", GiB, "ext4", "connect", ["tcp.connect_1G_ext4"])
     add("tcp", GiB, "ext4", "clients", ["tcp.mem_per_client", "tcp.disk_per_client", "tcp.ready_all"])
     add("tcp", GiB, "ext4", "seq", ["tcp.seq_write", "tcp.seq_read"])
+    for tr in ("tcp", "unix"):
+        add(tr, GiB, "ext4", "cseq", [tr + ".fio_write", tr + ".fio_verify", tr + ".nbdcopy_in",
+                                      tr + ".fio_write_ceiling"])
+        add(tr, GiB, FILLED, "cread", [tr + ".fio_read", tr + ".fio_read_ceiling"])
     add("tcp", GiB, "ext4", "fio", ["tcp.randread_qd1", "tcp.randread_qd16",
                                     "tcp.randwrite_qd1", "tcp.randwrite_qd16"])
     add("tcp", GiB, "xfs", "connect", ["tcp.connect_1G_xfs"])
@@ -65,6 +70,8 @@ def run_job(srv, cfg, job, ids):
         return w_empty(srv, cfg, srv.transport, ids)
     if kind == "fio":
         return w_fio(srv, cfg, srv.transport, ids)
+    if kind in ("cseq", "cread"):
+        return w_cseq(srv, cfg, srv.transport, ids)
     raise ValueError(kind)
 
 
@@ -72,10 +79,15 @@ def run_once(cfg, servers, rows, rep, res):
     """One whole comparison, into res: {row id: {server: (value, details)}}
     (filled as it goes, so an interrupted run still shows what it measured)."""
     res.update({r.id: {} for r in rows})
+    for r in rows:  # a ceiling row's share is of its figure: measure that too
+        if r.id.endswith("_ceiling"):
+            res.setdefault(r.id[:-len("_ceiling")], {})
     for pi, (tr, size, fstype, jobs) in enumerate(plan(cfg.settings, rows)):
         # alternate which server goes first, so slow drift of the machine
         # does not always favour the same one
         order = SERVERS if (pi + rep) % 2 == 0 else SERVERS[::-1]
+        if any(job in ("cseq", "cread") for job, _ in jobs):
+            order = order + ("null",)  # the ceiling: the same C-client jobs against nbdkit null
         for name in order:
             log("%s: %s %s %s: %s" % (name, tr, size_str(size), fstype, ", ".join(j for j, _ in jobs)))
             try:
@@ -96,6 +108,7 @@ def run_once(cfg, servers, rows, rep, res):
                     for rid in ids:
                         if rid in res:
                             res[rid][name] = (None, {"error": str(e).splitlines()[0]})
+    ceiling_shares(res)
     for r in rows:
         if r.optin == "named":
             run_named(cfg, servers, r, rep, res)
@@ -104,6 +117,21 @@ def run_once(cfg, servers, rows, rep, res):
         run_balancer(cfg, servers, balancer, rep, res)
     if any(r.peers for r in rows):
         run_golden(cfg, servers, [r for r in rows if r.peers], rep, res)
+
+
+def ceiling_shares(res):
+    """The ceiling rows: each server's fio figure as a percentage of nbdkit
+    null's in the same run (its `null` column, which the table does not
+    show)."""
+    for rid in list(res):
+        if not rid.endswith("_ceiling"):
+            continue
+        of = res.get(rid[:-len("_ceiling")], {})
+        null = of.get("null", (None,))[0]
+        for name in SERVERS:
+            v = of.get(name, (None,))[0]
+            res[rid][name] = ((100.0 * v / null) if v is not None and null else None,
+                              {"null_MBps": null, "MBps": v})
 
 
 def run_named(cfg, servers, row, rep, res):

@@ -46,6 +46,11 @@ type = "xfs"
 """
 NAMED_CLIENTS = {"chosen": "scratch:size=16G:type=xfs", "fixed": "xfs16"}
 NAMED_SHAPE = (16 * GiB, "xfs")
+# The C-client read row's disk (fstype FILLED): filled by a command, as a
+# disk prepared with data would be, the same for tmpdisk (--command) and
+# nbdkit tmpdisk (command=); `yes` makes it quickly and all of it data.
+FILLED = "filled"
+FILL_COMMAND = 'yes tmpdisk | head -c "$size" > "$disk"'
 # The balancer rows: HAProxy connects to tmpdisk from this address, the one
 # --proxy-from lists, so that direct clients (from 127.0.0.1) are not taken
 # for the balancer.
@@ -160,7 +165,7 @@ class Server:
             if self.name == "tmpdisk":
                 # one process per connection: our deployment model (tmpdisk.socket, Accept=yes)
                 return ([tools.socket_activate, "--accept", "-l", endpoint] + env
-                        + [tmpdisk, "-t", t, size]
+                        + [tmpdisk] + self.shape_args(t) + [size]
                         + (["--tls", "require", "--tls-certificates", tls.server] if tls else []))
             if self.name == "null":  # the ceiling, started like nbdkit tmpdisk (below)
                 return [tools.socket_activate, "-l", endpoint] + env + [tools.nbdkit, "null", size]
@@ -168,12 +173,22 @@ class Server:
             return ([tools.socket_activate, "-l", endpoint] + env
                     + [tools.nbdkit]
                     + (["--tls=require", "--tls-certificates=" + tls.server] if tls else [])
-                    + ["tmpdisk", size, "type=" + t])
+                    + ["tmpdisk", size, self.nbdkit_shape(t)])
         if self.name == "null":  # the ceiling: a server that stores nothing
             return [tools.nbdkit, "-f", "-U", endpoint, "null", size]
         if self.name == "tmpdisk":
-            return [tmpdisk, "--unix", endpoint, "-t", t, size]
-        return [tools.nbdkit, "-f", "-U", endpoint, "tmpdisk", size, "type=" + t]
+            return [tmpdisk, "--unix", endpoint] + self.shape_args(t) + [size]
+        return [tools.nbdkit, "-f", "-U", endpoint, "tmpdisk", size, self.nbdkit_shape(t)]
+
+    @staticmethod
+    def shape_args(t):
+        """tmpdisk's arguments for a disk of type t (or FILLED)."""
+        return ["-c", FILL_COMMAND] if t == FILLED else ["-t", t]
+
+    @staticmethod
+    def nbdkit_shape(t):
+        """nbdkit tmpdisk's parameter for a disk of type t (or FILLED)."""
+        return "command=" + FILL_COMMAND if t == FILLED else "type=" + t
 
     def golden_argv(self, endpoint, env):
         """The golden rows' servers, each started the way it is deployed:

@@ -47,10 +47,10 @@ def find_tools(rows):
     def install(tool):
         return "%s (apt-get install %s)" % (tool, package_of(tool, table))
     ids = {r.id for r in rows}
-    fio_rows = any(".rand" in i for i in ids)
+    fio_rows = any(".rand" in i or ".fio_" in i for i in ids)
     nbdkit_rows = any(not r.optin for r in rows)
     need = ["systemd-socket-activate"] + (["nbdkit"] if nbdkit_rows else [])
-    if any(".empty_read" in i for i in ids):
+    if any(".empty_read" in i or ".nbdcopy_in" in i for i in ids):
         need.append("nbdcopy")
     need.append("fio")  # without fio rows, only for the version line: optional
     need.append("mkfs.ext4")

@@ -208,6 +208,75 @@ def w_fio(srv, cfg, tr, want):
     return out
 
 
+# the C-client seq jobs: fio's nbd engine, 256 KiB requests, 16 in flight, 1 GiB
+FIO_SEQ = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=1g"]
+
+
+def run_fio(cfg, uri, args):
+    """One fio job (FIO_SEQ plus args) on uri: its JSON job record."""
+    jf = os.path.join(cfg.work.workdir, "fio-seq.json")
+    if os.path.exists(jf):
+        os.unlink(jf)
+    cmd = ([cfg.tools.fio, "--name=seq", "--ioengine=nbd", "--uri=" + uri] + FIO_SEQ + args
+           + ["--output-format=json", "--output=" + jf])
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=cfg.settings.io_timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchError("fio %s did not finish in %d s" % (" ".join(args), cfg.settings.io_timeout))
+    try:
+        with open(jf) as f:
+            job = json.load(f)["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BenchError("fio: %s %s" % (e, r.stderr.decode(errors="replace")[:300]))
+    if r.returncode != 0 or job.get("error"):
+        raise BenchError("fio exit %d: %s" % (r.returncode, r.stderr.decode(errors="replace")[:300]))
+    return job
+
+
+def nbdcopy_source(cfg):
+    """A 1 GiB file of random bytes in the work dir, made once per run."""
+    path = os.path.join(cfg.work.workdir, "nbdcopy-source")
+    if not os.path.exists(path) or os.path.getsize(path) != GiB:
+        with open(path + ".new", "wb") as f:
+            for _ in range(GiB // (16 * MiB)):
+                f.write(os.urandom(16 * MiB))
+        os.rename(path + ".new", path)
+    return path
+
+
+def w_cseq(srv, cfg, tr, want):
+    """The C-client seq rows on one server (each job a fresh connection, so
+    a fresh disk): fio write, fio write then verify read-back on the same
+    connection, nbdcopy of a 1 GiB file in; or, on a FILLED disk, fio
+    read.  nbdkit null (the ceiling) cannot verify: no verify there."""
+    out = {}
+    if want & {tr + ".fio_write", tr + ".fio_write_ceiling"}:
+        settle(cfg.settings)
+        w = run_fio(cfg, srv.uri, ["--rw=write"])["write"]
+        out[tr + ".fio_write"] = (w["bw_bytes"] / 1e6, {"runtime_ms": w["runtime"]})
+    if tr + ".fio_verify" in want and srv.name != "null":
+        settle(cfg.settings)
+        job = run_fio(cfg, srv.uri, ["--rw=write", "--do_verify=1", "--verify=crc32c", "--verify_fatal=1"])
+        out[tr + ".fio_verify"] = (job["read"]["bw_bytes"] / 1e6,
+                                   {"write_MBps": job["write"]["bw_bytes"] / 1e6, "verify": "ok"})
+    if tr + ".nbdcopy_in" in want:
+        src = nbdcopy_source(cfg)
+        settle(cfg.settings)
+        t0 = time.monotonic()
+        r = subprocess.run([cfg.tools.nbdcopy, src, srv.uri], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=cfg.settings.io_timeout)
+        dt = time.monotonic() - t0
+        if r.returncode != 0:
+            raise BenchError("nbdcopy exit %d: %s" % (r.returncode, r.stderr.decode(errors="replace")[:300]))
+        out[tr + ".nbdcopy_in"] = (GiB / dt / 1e6, {"seconds": dt})
+    if want & {tr + ".fio_read", tr + ".fio_read_ceiling"}:
+        settle(cfg.settings)
+        rd = run_fio(cfg, srv.uri, ["--rw=read"])["read"]
+        out[tr + ".fio_read"] = (rd["bw_bytes"] / 1e6, {"runtime_ms": rd["runtime"]})
+    return out
+
+
 def calibrate(cfg, servers, transport):
     """The ceiling for the seq write rows on one transport: the same aio loop
     against nbdkit's null plugin (no storage, no mkfs; reads are memset
