@@ -144,7 +144,30 @@ const UNIX_SNDBUF: usize = 2 << 20;
 /// A connected socket, tuned for NBD.
 pub fn connection(fd: OwnedFd) -> Conn {
     tune(&fd);
-    Conn::socket(fd)
+    let remote = is_remote(&fd);
+    let mut conn = Conn::socket(fd);
+    conn.set_remote(remote);
+    conn
+}
+
+/// Whether the peer of a TCP socket is on another machine: neither a
+/// loopback address nor our own end's address. A Unix socket's peer, or
+/// a socket whose addresses cannot be read, is taken as local.
+fn is_remote(fd: &OwnedFd) -> bool {
+    let ip = |a: Option<SockaddrStorage>| -> Option<std::net::IpAddr> {
+        let a = a?;
+        if let Some(v4) = a.as_sockaddr_in() {
+            return Some(std::net::IpAddr::V4(v4.ip()));
+        }
+        a.as_sockaddr_in6()
+            .map(|v6| std::net::IpAddr::V6(v6.ip()).to_canonical())
+    };
+    let peer = ip(getpeername::<SockaddrStorage>(fd.as_raw_fd()).ok());
+    let ours = ip(getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok());
+    match (peer, ours) {
+        (Some(p), Some(o)) => !p.is_loopback() && p != o,
+        _ => false,
+    }
 }
 
 /// Tunes the socket we send to, if it is one. TCP: small replies must not

@@ -39,6 +39,9 @@ pub struct Conn {
     stalled_since: Option<Instant>,
     /// For splice(2) from the client into a file, made on first use.
     pipe: Option<(OwnedFd, OwnedFd)>,
+    /// The client is on another machine: read replies go out with
+    /// sendfile (see [`Conn::set_remote`]).
+    remote: bool,
 }
 
 impl Conn {
@@ -61,7 +64,26 @@ impl Conn {
             reply_timeout: None,
             stalled_since: None,
             pipe: None,
+            remote: false,
         }
+    }
+
+    /// Say whether the client is on another machine. Read replies to a
+    /// remote client leave straight from the file (sendfile: no copy
+    /// here, and the NIC reads the page cache). To a client on this
+    /// machine they are copied through our buffer instead: with sendfile
+    /// the client's own receive copies straight out of our page cache, so
+    /// the cache misses of the copy move to the client. Measured here
+    /// (bench/run C-client rows, 2 repeats, loopback and Unix): fio's
+    /// system time went from about 30 % to 65 % with sendfile, and its
+    /// read-back while verifying ran at 0.40x (TCP) and 0.62x (Unix) of
+    /// nbdkit with sendfile against 0.87x and 1.31x copied; a filled
+    /// disk's read at 1.02x and 0.84x against 1.88x and 1.95x. (The libnbd
+    /// loop, which is client-bound in Python, preferred sendfile: its
+    /// read-back fell from 1.40x to 0.96x (TCP) and from 1.60x to 1.10x
+    /// (Unix).) Writes splice either way.
+    pub fn set_remote(&mut self, remote: bool) {
+        self.remote = remote;
     }
 
     /// Bound the total time the peer may make us wait from now on (`None`:
@@ -216,6 +238,10 @@ impl Channel for Conn {
         // An error is news too: let the read report it.
         Some(sys::poll_one(self.read_fd(), PollFlags::POLLIN, Some(Duration::ZERO)).unwrap_or(true))
     }
+
+    fn sends_files(&self) -> bool {
+        self.remote
+    }
 }
 
 impl Transport for Conn {
@@ -348,5 +374,41 @@ impl Conn {
             None => Received::Stored,
             Some(e) => Received::Failed(e),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Read replies to a local client are copied; to a remote one they
+    /// leave by sendfile, which must send the header and exactly the range.
+    #[test]
+    fn sendfile_sends_the_header_and_the_range() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut conn = Conn::socket(OwnedFd::from(ours));
+        assert!(!conn.sends_files(), "a new connection is taken as local");
+        conn.set_remote(true);
+        assert!(conn.sends_files());
+        let path = std::env::temp_dir().join(format!("tmpdisk-conn-{}", std::process::id()));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut theirs = theirs;
+            theirs.read_to_end(&mut got).unwrap();
+            got
+        });
+        let sent = conn
+            .send_file(&[b"head", b"er"], file.as_fd(), 1000, 150_000)
+            .unwrap();
+        assert_eq!(sent, 150_000);
+        drop(conn);
+        let got = reader.join().unwrap();
+        assert_eq!(&got[..6], b"header");
+        assert_eq!(&got[6..], &data[1000..151_000]);
     }
 }

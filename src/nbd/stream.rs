@@ -39,6 +39,13 @@ pub trait Channel: Read + Write {
     fn input_ready(&self) -> Option<bool> {
         None
     }
+
+    /// Whether large read replies should leave straight from the file
+    /// (sendfile) rather than through our buffer, where
+    /// [`Channel::zero_copy`] allows both.
+    fn sends_files(&self) -> bool {
+        true
+    }
 }
 
 const READ_BUF: usize = 32 * 1024;
@@ -261,6 +268,9 @@ impl<C: Channel> Stream<C> {
         offset: u64,
         len: usize,
     ) -> Result<bool, Hangup> {
+        if !self.ch.sends_files() {
+            return Ok(false);
+        }
         let Some(out) = self.ch.zero_copy() else {
             return Ok(false);
         };
