@@ -27,7 +27,8 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use tracing::debug;
@@ -67,8 +68,21 @@ impl Claim {
         self.size.saturating_sub(self.taken)
     }
 
-    fn line(self) -> String {
-        format!("{:020} {:020}\n", self.size, self.taken)
+    /// The entry's bytes, made without allocating: the refresh thread
+    /// never touches the heap, so glibc gives it no arena of its own (each
+    /// client's process would carry one).
+    fn line(self) -> [u8; ENTRY_LEN] {
+        let mut out = [b' '; ENTRY_LEN];
+        let mut put = |mut v: u64, end: usize| {
+            for i in (end - 20..end).rev() {
+                out[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(self.size, 20);
+        put(self.taken, 41);
+        out[ENTRY_LEN - 1] = b'\n';
+        out
     }
 
     fn parse(bytes: &[u8]) -> Option<Claim> {
@@ -92,8 +106,8 @@ impl Claim {
 /// dropped; a thread rewrites it every [`REFRESH`].
 pub struct Entry {
     path: PathBuf,
-    /// Dropping it ends the refresh thread.
-    stop: Option<mpsc::Sender<()>>,
+    /// Set when the entry goes: the refresh thread ends.
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -123,7 +137,7 @@ impl Entry {
             .open(&temp)?;
         let write = move |file: &File| {
             let taken = crate::image::allocated_of(&image).saturating_sub(baseline);
-            file.write_all_at(Claim { size, taken }.line().as_bytes(), 0)
+            file.write_all_at(&Claim { size, taken }.line(), 0)
         };
         let made = (|| {
             sys::flock(file.as_fd(), Lock::ExclusiveNow)?;
@@ -131,15 +145,22 @@ impl Entry {
             // Readable by the agent, another user.
             file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
             std::fs::rename(&temp, &path)?;
-            let (stop, stopped) = mpsc::channel::<()>();
-            let (started_tx, started) = mpsc::channel::<()>();
+            // Made here, so that the thread allocates nothing (see
+            // Claim::line).
+            let stop = Arc::new(AtomicBool::new(false));
+            let started = Arc::new(Barrier::new(2));
+            let (stopped, ready) = (Arc::clone(&stop), Arc::clone(&started));
             let thread = std::thread::Builder::new()
                 .name("registry".into())
-                // It formats a line and makes two system calls.
+                // It formats a line on its stack and makes two system calls.
                 .stack_size(64 << 10)
                 .spawn(move || {
-                    let _ = started_tx.send(());
-                    while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(REFRESH) {
+                    ready.wait();
+                    loop {
+                        std::thread::park_timeout(REFRESH);
+                        if stopped.load(Ordering::Acquire) {
+                            break;
+                        }
                         if let Err(e) = write(&file) {
                             debug!(error = %e, "cannot update the registry entry");
                         }
@@ -150,13 +171,13 @@ impl Entry {
             // stack, name) that the seccomp filter of the serving phase
             // does not allow: it must be past them before that filter goes
             // on (glibc aborts on a refused rseq: seen here as a crash).
-            let _ = started.recv();
+            started.wait();
             Ok((stop, thread))
         })();
         match made {
             Ok((stop, thread)) => Ok(Entry {
                 path,
-                stop: Some(stop),
+                stop,
                 thread: Some(thread),
             }),
             Err(e) => {
@@ -173,8 +194,9 @@ impl Drop for Entry {
         let _ = std::fs::remove_file(&self.path);
         // The thread holds the image: it is gone (and the image closed, if
         // this was the last holder) when the entry is.
-        drop(self.stop.take());
+        self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
@@ -297,7 +319,16 @@ mod tests {
             size: 1 << 40,
             taken: 12345,
         };
-        assert_eq!(Claim::parse(c.line().as_bytes()), Some(c));
+        assert_eq!(Claim::parse(&c.line()), Some(c));
+        assert_eq!(
+            c.line().as_slice(),
+            format!("{:020} {:020}\n", c.size, c.taken).as_bytes()
+        );
+        let max = Claim {
+            size: u64::MAX,
+            taken: 0,
+        };
+        assert_eq!(Claim::parse(&max.line()), Some(max));
         assert_eq!(c.outstanding(), (1 << 40) - 12345);
         let full = Claim {
             size: 10,
@@ -308,7 +339,7 @@ mod tests {
 
     #[test]
     fn anything_but_a_line_is_not_a_claim() {
-        let good = Claim { size: 1, taken: 2 }.line();
+        let good = String::from_utf8(Claim { size: 1, taken: 2 }.line().to_vec()).unwrap();
         for bad in [
             "",
             "1 2\n",
