@@ -441,6 +441,15 @@ impl<'a> Disk<'a> {
         }
     }
 
+    /// What transmission serves: the disk, with its registry entry kept
+    /// in step with what the client writes.
+    pub fn storage(&self) -> Option<registry::Tracked<'_>> {
+        self.served().map(|s| registry::Tracked {
+            disk: s.storage(),
+            entry: self.entry.as_ref(),
+        })
+    }
+
     pub fn served(&self) -> Option<&Served> {
         match &self.state {
             State::Ready(s) => Some(s),

@@ -1,13 +1,16 @@
 //! This host's disks, as the capacity agent ([`crate::agent`]) counts
 //! them: one small file per live disk in the clients directory, which its
 //! process holds under an exclusive `flock` for as long as it lives, and
-//! rewrites every second with the disk's size and the space it takes.
+//! rewrites with the disk's size and the space it takes as the client
+//! writes (at most once a second: no thread, no timer; see
+//! [`Entry::changed`]).
 //!
 //! The lock, not the file, says a disk is alive: the kernel drops it when
 //! the process ends however it ends, so a process killed with SIGKILL
 //! leaves a file nobody holds, which the agent skips (and whoever may,
 //! removes: the process itself on every other exit, the agent when it
-//! can, `systemd-tmpfiles --clean` after a day without a write). Under
+//! can; under systemd it stays until reboot, as an idle client's live
+//! entry may go unwritten for days). Under
 //! systemd the directory is like /tmp (`1777`): every instance (each its
 //! own dynamic user) makes and removes only its own file, and the agent
 //! (another one) lists the directory and reads the entries (`0644`)
@@ -22,25 +25,23 @@
 //! types and contents are checked, reads are bounded, and a bad entry is
 //! skipped with a debug line, never trusted.
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
+use crate::nbd::storage::{Extent, Received, Storage, ZeroCopy};
 use crate::reconnect::Listing;
 use crate::sys::{self, Lock};
 
-/// How often a live disk's entry is rewritten. The agent's answer lags
-/// what a client wrote by at most this, and errs on the safe side: until
-/// the rewrite, the space is counted both as used (the filesystem's free
-/// space fell) and as still to be claimed (the entry says it is not
-/// written yet).
+/// How often at most a live disk's entry is rewritten while its client
+/// writes.
 const REFRESH: Duration = Duration::from_secs(1);
 
 /// `{size:020} {taken:020}\n`
@@ -68,9 +69,7 @@ impl Claim {
         self.size.saturating_sub(self.taken)
     }
 
-    /// The entry's bytes, made without allocating: the refresh thread
-    /// never touches the heap, so glibc gives it no arena of its own (each
-    /// client's process would carry one).
+    /// The entry's bytes, on the stack.
     fn line(self) -> [u8; ENTRY_LEN] {
         let mut out = [b' '; ENTRY_LEN];
         let mut put = |mut v: u64, end: usize| {
@@ -103,12 +102,17 @@ impl Claim {
 }
 
 /// This process's entry: held (locked) while it exists, removed when
-/// dropped; a thread rewrites it every [`REFRESH`].
+/// dropped; rewritten by [`Entry::changed`] as the disk changes.
 pub struct Entry {
     path: PathBuf,
-    /// Set when the entry goes: the refresh thread ends.
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The entry's file, locked for as long as it is open.
+    file: File,
+    /// The disk's file, whose allocated blocks are what it takes.
+    image: Arc<File>,
+    size: u64,
+    baseline: u64,
+    /// When the entry was last written.
+    written: Cell<Instant>,
 }
 
 impl Entry {
@@ -135,56 +139,52 @@ impl Entry {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&temp)?;
-        let write = move |file: &File| {
-            let taken = crate::image::allocated_of(&image).saturating_sub(baseline);
-            file.write_all_at(&Claim { size, taken }.line(), 0)
+        let mut entry = Entry {
+            path: temp.clone(),
+            file,
+            image,
+            size,
+            baseline,
+            written: Cell::new(Instant::now()),
         };
         let made = (|| {
-            sys::flock(file.as_fd(), Lock::ExclusiveNow)?;
-            write(&file)?;
+            sys::flock(entry.file.as_fd(), Lock::ExclusiveNow)?;
+            entry.write()?;
             // Readable by the agent, another user.
-            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-            std::fs::rename(&temp, &path)?;
-            // Made here, so that the thread allocates nothing (see
-            // Claim::line).
-            let stop = Arc::new(AtomicBool::new(false));
-            let started = Arc::new(Barrier::new(2));
-            let (stopped, ready) = (Arc::clone(&stop), Arc::clone(&started));
-            let thread = std::thread::Builder::new()
-                .name("registry".into())
-                // It formats a line on its stack and makes two system calls.
-                .stack_size(64 << 10)
-                .spawn(move || {
-                    ready.wait();
-                    loop {
-                        std::thread::park_timeout(REFRESH);
-                        if stopped.load(Ordering::Acquire) {
-                            break;
-                        }
-                        if let Err(e) = write(&file) {
-                            debug!(error = %e, "cannot update the registry entry");
-                        }
-                    }
-                    // The lock goes with the file, closed here.
-                })?;
-            // A thread's start makes system calls of its own (rseq, signal
-            // stack, name) that the seccomp filter of the serving phase
-            // does not allow: it must be past them before that filter goes
-            // on (glibc aborts on a refused rseq: seen here as a crash).
-            started.wait();
-            Ok((stop, thread))
+            entry
+                .file
+                .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            std::fs::rename(&temp, &path)
         })();
-        match made {
-            Ok((stop, thread)) => Ok(Entry {
-                path,
-                stop,
-                thread: Some(thread),
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&temp);
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
+        // On failure, dropping `entry` removes the file under its
+        // temporary name.
+        made?;
+        entry.path = path;
+        Ok(entry)
+    }
+
+    fn write(&self) -> std::io::Result<()> {
+        let taken = crate::image::allocated_of(&self.image).saturating_sub(self.baseline);
+        let line = Claim {
+            size: self.size,
+            taken,
+        }
+        .line();
+        self.file.write_all_at(&line, 0)
+    }
+
+    /// The disk was written to, trimmed or zeroed: rewrite the entry, at
+    /// most once per [`REFRESH`]. The agent's view then lags what the
+    /// client wrote in the last such interval before it went quiet, and
+    /// errs on the safe side: that space counts both as used (the
+    /// filesystem's free space fell) and as still to be claimed.
+    pub fn changed(&self) {
+        if self.written.get().elapsed() < REFRESH {
+            return;
+        }
+        self.written.set(Instant::now());
+        if let Err(e) = self.write() {
+            debug!(error = %e, "cannot update the registry entry");
         }
     }
 }
@@ -192,13 +192,78 @@ impl Entry {
 impl Drop for Entry {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-        // The thread holds the image: it is gone (and the image closed, if
-        // this was the last holder) when the entry is.
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
+        // The lock goes with the file, closed after this.
+    }
+}
+
+/// A disk being served, with its registry entry kept in step: what
+/// transmission gets in place of the disk itself.
+pub struct Tracked<'a> {
+    pub disk: &'a dyn Storage,
+    pub entry: Option<&'a Entry>,
+}
+
+impl Tracked<'_> {
+    fn changed<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        if let Some(e) = self.entry {
+            e.changed();
         }
+        r
+    }
+}
+
+impl Storage for Tracked<'_> {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.disk.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.changed(self.disk.write_at(buf, offset))
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.changed(self.disk.trim(offset, length))
+    }
+
+    fn zero(&self, offset: u64, length: u64, may_punch: bool, fast: bool) -> std::io::Result<()> {
+        self.changed(self.disk.zero(offset, length, may_punch, fast))
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> std::io::Result<()> {
+        self.disk.cache(offset, length)
+    }
+
+    fn extents(
+        &self,
+        offset: u64,
+        length: u64,
+        max: usize,
+        out: &mut Vec<Extent>,
+    ) -> std::io::Result<()> {
+        self.disk.extents(offset, length, max, out)
+    }
+
+    fn send(
+        &self,
+        out: &mut dyn ZeroCopy,
+        head: &[&[u8]],
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<bool> {
+        self.disk.send(out, head, offset, len)
+    }
+
+    fn receive(
+        &self,
+        inp: &mut dyn ZeroCopy,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Option<Received>> {
+        self.changed(self.disk.receive(inp, offset, len))
     }
 }
 
@@ -399,18 +464,20 @@ mod tests {
     fn the_entry_follows_what_the_image_takes() {
         let dir = tempdir();
         let image = tempfile_in(&dir, "image");
-        let _entry =
-            Entry::register(&dir, 1 << 30, Arc::new(image.try_clone().unwrap()), 0).unwrap();
-        image.write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
-        let deadline = std::time::Instant::now() + REFRESH * 5;
-        loop {
-            let (claims, _) = census(&dir).unwrap();
-            if claims[0].taken >= 4 << 20 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{claims:?}");
-            std::thread::sleep(REFRESH / 4);
-        }
+        let shared = Arc::new(image.try_clone().unwrap());
+        let entry = Entry::register(&dir, 1 << 30, shared.clone(), 0).unwrap();
+        let disk = crate::image::Image::adopt(image.try_clone().unwrap().into()).unwrap();
+        let tracked = Tracked {
+            disk: &disk,
+            entry: Some(&entry),
+        };
+        tracked.write_at(&vec![1u8; 4 << 20], 0).unwrap();
+        // Within REFRESH of the last write of the entry: not yet.
+        assert_eq!(census(&dir).unwrap().0[0].taken, 0);
+        std::thread::sleep(REFRESH);
+        tracked.write_at(&[2u8; 4096], 8 << 20).unwrap();
+        let taken = census(&dir).unwrap().0[0].taken;
+        assert!(taken >= (4 << 20) + 4096, "{taken}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -268,7 +268,10 @@ impl Client<'_> {
         }
 
         let mut stats = Stats::default();
-        let end = transmit::serve(&mut s, served.storage(), n, &mut stats);
+        let Some(storage) = disk.storage() else {
+            return Err(Hangup::Server("export chosen but no disk was built".into()));
+        };
+        let end = transmit::serve(&mut s, &storage, n, &mut stats);
         let seconds = self.started.elapsed().as_secs_f64();
         let how = match &end {
             Ok(TransmissionEnd::Disconnect) => "disconnect".to_string(),
