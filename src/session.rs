@@ -263,6 +263,7 @@ impl Client<'_> {
             Some(name) => format!("export {name}"),
         };
         status::status(&format!("serving {peer}, {export}: {}", disk.description()));
+        crate::sys::release_free_memory();
         if let Err(e) = sandbox::lock_down() {
             warn!(error = %e, "serving without a seccomp filter");
         }

@@ -538,6 +538,17 @@ pub fn set_not_dumpable() -> io::Result<()> {
     Ok(())
 }
 
+/// Give the heap's free memory back to the kernel. What start-up and
+/// negotiation allocated and freed (the command line, the exports file,
+/// the handshake) stays mapped otherwise, in every client's process.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap; it takes a size
+    // and touches no memory of ours.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The largest file this process may create (RLIMIT_FSIZE), if limited.
 pub fn file_size_limit() -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit};
