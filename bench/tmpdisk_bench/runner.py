@@ -17,8 +17,8 @@ from .report import fmt
 from .rows import GOLDEN_PATHS, GOLDEN_PEERS
 from .servers import NAMED_CLIENTS, NAMED_SHAPE
 from .servers import FILLED
-from .workloads import (settle, w_clients, w_connect, w_cseq, w_empty, w_fio, w_golden_disk, w_golden_seq,
-                        w_named_connect, w_seq)
+from .workloads import (settle, w_clients, w_connect, w_cseq, w_empty, w_fio, w_golden_disk,
+                        w_golden_fio_read, w_golden_seq, w_named_connect, w_seq)
 
 SERVERS = ("tmpdisk", "nbdkit")
 
@@ -195,7 +195,7 @@ def run_balancer(cfg, servers, rows, rep, res):
 
 # the golden workloads, in the order they run on each server, and the measures (row id tails) of each
 GOLDEN_JOBS = (("connect", ("connect",)), ("disk", ("disk_per_client",)),
-               ("seq", ("seq_read", "seq_write")),
+               ("seq", ("seq_read", "seq_write")), ("cread", ("fio_read",)),
                ("fio", ("randread_qd1", "randread_qd16", "randwrite_qd1", "randwrite_qd16")))
 
 
@@ -234,6 +234,8 @@ def run_golden(cfg, servers, rows, rep, res):
                             got = w_golden_disk(srv, cfg)
                         elif job == "seq":
                             got = w_golden_seq(srv, cfg, ids)
+                        elif job == "cread":
+                            got = w_golden_fio_read(srv, cfg)
                         else:
                             settle(cfg.settings)  # the seq job's writes: not the fio jobs' to pay for
                             got = w_fio(srv, cfg, "golden", ids)

@@ -403,6 +403,19 @@ def w_golden_seq(srv, cfg, want):
     return {k: v for k, v in out.items() if k in want}
 
 
+def w_golden_fio_read(srv, cfg):
+    """The golden C-client read: fio reads the whole disk (the base) on a
+    fresh client, 256 KiB × 16, seq_runs times (fio checks nothing; the
+    libnbd row checks the base's blocks)."""
+    rd = []
+    for _ in range(cfg.settings.seq_runs):
+        srv.wait_idle()
+        settle(cfg.settings)
+        job = run_fio(cfg, srv.uri, ["--rw=read", "--size=%d" % cfg.golden.size])
+        rd.append(job["read"]["bw_bytes"] / 1e6)
+    return {"golden.fio_read": (median(rd), {"samples": rd, "bytes": cfg.golden.size})}
+
+
 def fs_used(path):
     """Bytes in use on path's file system, after syncfs(2), once three
     readings 50 ms apart agree (xfs frees a deleted clone's blocks in the
