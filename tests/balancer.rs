@@ -1,5 +1,7 @@
-//! Many machines: three tmpdisk hosts (standalone listeners on loopback
-//! ports, each with its own tmpdir, registry and capacity agent) behind
+//! Many machines: three tmpdisk hosts (socket-activated on loopback ports
+//! by systemd-socket-activate --accept, a process per connection as
+//! tmpdisk.socket does, each with its own tmpdir, registry and capacity
+//! agent) behind
 //! Debian's HAProxy running the README's haproxy.cfg, and 60 and more
 //! real NBD clients (raw protocol: handshake, GO, reads and writes)
 //! through it. What is checked is what the README promises: distinct
@@ -45,7 +47,7 @@ impl Host {
         let slots = SLOTS.to_string();
         let server = Server::start_in(
             dir,
-            Mode::Tcp,
+            Mode::SocketActivate,
             tmpdir,
             &[
                 "--registry-dir",
