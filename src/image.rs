@@ -30,7 +30,7 @@ pub enum Anonymity {
 }
 
 pub struct Image {
-    /// Shared with the registry's thread, which watches the space it
+    /// Shared with the disk's registry entry, which reports the space it
     /// takes: a second descriptor would be a second open image.
     file: Arc<File>,
     size: u64,
