@@ -178,29 +178,15 @@ def w_fio(srv, cfg, tr, want):
             rid = "%s.%s_qd%d" % (tr, rw, qd)
             if rid not in want:
                 continue
-            jf = os.path.join(cfg.work.workdir, "fio.json")
-            if os.path.exists(jf):
-                os.unlink(jf)
-            cmd = [cfg.tools.fio, "--name=bench", "--ioengine=nbd", "--uri=" + srv.uri,
-                   "--rw=" + rw, "--bs=4k", "--iodepth=%d" % qd, "--numjobs=1",
-                   "--size=%d" % srv.size, "--runtime=%g" % cfg.settings.fio_runtime, "--time_based",
-                   "--norandommap", "--randrepeat=0", "--output-format=json", "--output=" + jf]
+            args = ["--rw=" + rw, "--bs=4k", "--iodepth=%d" % qd, "--numjobs=1", "--size=%d" % srv.size,
+                    "--runtime=%g" % cfg.settings.fio_runtime, "--time_based", "--norandommap",
+                    "--randrepeat=0"]
             try:
-                r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, timeout=cfg.settings.fio_runtime + 60)
-            except subprocess.TimeoutExpired:
-                out[rid] = (None, {"error": "fio did not finish in time"})
-                continue
-            try:
-                with open(jf) as f:
-                    job = json.load(f)["jobs"][0]
-            except (OSError, ValueError, KeyError, IndexError) as e:
-                out[rid] = (None, {"error": "fio: %s %s" % (e, r.stderr.decode(errors="replace")[:300])})
+                job = run_fio(cfg, srv.uri, args, cfg.settings.fio_runtime + 60)
+            except BenchError as e:
+                out[rid] = (None, {"error": str(e)})
                 continue
             d = job["read" if rw == "randread" else "write"]
-            if r.returncode != 0 or job.get("error"):
-                out[rid] = (None, {"error": "fio exit %d: %s" % (r.returncode, r.stderr.decode(errors="replace")[:300])})
-                continue
             lat = d.get("clat_ns", {})
             out[rid] = (d["iops"], {"clat_mean_us": lat.get("mean", 0) / 1000,
                                     "clat_p99_us": lat.get("percentile", {}).get("99.000000", 0) / 1000,
@@ -212,18 +198,20 @@ def w_fio(srv, cfg, tr, want):
 FIO_SEQ = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=1g"]
 
 
-def run_fio(cfg, uri, args):
-    """One fio job (FIO_SEQ plus args) on uri: its JSON job record."""
-    jf = os.path.join(cfg.work.workdir, "fio-seq.json")
+def run_fio(cfg, uri, args, timeout=None):
+    """One fio job (fio's nbd engine on uri, with args) within timeout
+    seconds (default: the settings' io_timeout): its JSON job record."""
+    timeout = timeout or cfg.settings.io_timeout
+    jf = os.path.join(cfg.work.workdir, "fio.json")
     if os.path.exists(jf):
         os.unlink(jf)
-    cmd = ([cfg.tools.fio, "--name=seq", "--ioengine=nbd", "--uri=" + uri] + FIO_SEQ + args
+    cmd = ([cfg.tools.fio, "--name=bench", "--ioengine=nbd", "--uri=" + uri] + args
            + ["--output-format=json", "--output=" + jf])
     try:
         r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, timeout=cfg.settings.io_timeout)
+                           stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise BenchError("fio %s did not finish in %d s" % (" ".join(args), cfg.settings.io_timeout))
+        raise BenchError("fio %s did not finish in %d s" % (" ".join(args), timeout))
     try:
         with open(jf) as f:
             job = json.load(f)["jobs"][0]
@@ -253,11 +241,12 @@ def w_cseq(srv, cfg, tr, want):
     out = {}
     if want & {tr + ".fio_write", tr + ".fio_write_ceiling"}:
         settle(cfg.settings)
-        w = run_fio(cfg, srv.uri, ["--rw=write"])["write"]
+        w = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=write"])["write"]
         out[tr + ".fio_write"] = (w["bw_bytes"] / 1e6, {"runtime_ms": w["runtime"]})
     if tr + ".fio_verify" in want and srv.name != "null":
         settle(cfg.settings)
-        job = run_fio(cfg, srv.uri, ["--rw=write", "--do_verify=1", "--verify=crc32c", "--verify_fatal=1"])
+        job = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=write", "--do_verify=1", "--verify=crc32c", "--verify_state_save=0",
+                                                "--verify_fatal=1"])
         out[tr + ".fio_verify"] = (job["read"]["bw_bytes"] / 1e6,
                                    {"write_MBps": job["write"]["bw_bytes"] / 1e6, "verify": "ok"})
     if tr + ".nbdcopy_in" in want:
@@ -272,7 +261,7 @@ def w_cseq(srv, cfg, tr, want):
         out[tr + ".nbdcopy_in"] = (GiB / dt / 1e6, {"seconds": dt})
     if want & {tr + ".fio_read", tr + ".fio_read_ceiling"}:
         settle(cfg.settings)
-        rd = run_fio(cfg, srv.uri, ["--rw=read"])["read"]
+        rd = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=read"])["read"]
         out[tr + ".fio_read"] = (rd["bw_bytes"] / 1e6, {"runtime_ms": rd["runtime"]})
     return out
 
@@ -411,7 +400,7 @@ def w_golden_fio_read(srv, cfg):
     for _ in range(cfg.settings.seq_runs):
         srv.wait_idle()
         settle(cfg.settings)
-        job = run_fio(cfg, srv.uri, ["--rw=read", "--size=%d" % cfg.golden.size])
+        job = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=read", "--size=%d" % cfg.golden.size])
         rd.append(job["read"]["bw_bytes"] / 1e6)
     return {"golden.fio_read": (median(rd), {"samples": rd, "bytes": cfg.golden.size})}
 
