@@ -159,7 +159,7 @@ pub fn limits(cfg: &Config) -> Limits {
 /// Answer one agent connection: the line, then close. Nothing the peer
 /// sends is read (HAProxy's `agent-send` string, if any, is ignored).
 /// Returns the exit code.
-pub fn answer(conn: Conn, peer: &str, cfg: &Config) -> u8 {
+pub fn answer(mut conn: Conn, peer: &str, cfg: &Config) -> u8 {
     let answer = match measure(cfg) {
         Ok(host) => {
             let a = assess(&host, &limits(cfg));
@@ -181,22 +181,10 @@ pub fn answer(conn: Conn, peer: &str, cfg: &Config) -> u8 {
             Answer::Drain(Full::BelowMinFree)
         }
     };
-    let line = answer.to_string();
-    let mut sent = 0;
-    while sent < line.len() {
-        match nix::unistd::write(conn.write_fd(), &line.as_bytes()[sent..]) {
-            Ok(n) => sent += n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                debug!(%peer, error = %e, "agent: the checker left before the answer");
-                return 0;
-            }
-        }
+    // The line; the connection closes as `conn` goes.
+    if let Err(e) = std::io::Write::write_all(&mut conn, answer.to_string().as_bytes()) {
+        debug!(%peer, error = %e, "agent: the checker left before the answer");
     }
-    let _ = nix::sys::socket::shutdown(
-        std::os::fd::AsRawFd::as_raw_fd(&conn.write_fd()),
-        nix::sys::socket::Shutdown::Write,
-    );
     0
 }
 

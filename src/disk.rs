@@ -166,8 +166,8 @@ pub struct Disk<'a> {
     tls_subject: Option<Vec<u8>>,
     /// Listening for a reconnect of this (tokened) disk.
     holder: Option<Holder>,
-    /// Where the disk is registered for the capacity agent (None: not).
-    registry: Option<&'a std::path::Path>,
+    /// Where the disk is registered for the capacity agent.
+    registry: &'a std::path::Path,
     /// The disk's registry entry, while it is ready.
     entry: Option<registry::Entry>,
 }
@@ -179,7 +179,7 @@ impl<'a> Disk<'a> {
         exports: &'a Catalog,
         client: Option<OwnedFd>,
         reconnect: Option<&'a reconnect::Settings>,
-        registry: Option<&'a std::path::Path>,
+        registry: &'a std::path::Path,
     ) -> Self {
         Disk {
             exports,
@@ -200,7 +200,7 @@ impl<'a> Disk<'a> {
     /// one, anything else none. A disk that cannot be registered is still
     /// served (the agent then undercounts this host: logged).
     fn sync_registry(&mut self) {
-        let (State::Ready(served), Some(dir)) = (&self.state, self.registry) else {
+        let State::Ready(served) = &self.state else {
             self.entry = None;
             return;
         };
@@ -215,10 +215,10 @@ impl<'a> Disk<'a> {
             Served::Image(i, Copy::Clone | Copy::Full) => i.allocated(),
             _ => 0,
         };
-        match registry::Entry::register(dir, size, served.space_file(), shared) {
+        match registry::Entry::register(self.registry, size, served.space_file(), shared) {
             Ok(entry) => self.entry = Some(entry),
             Err(e) => warn!(
-                dir = %dir.display(),
+                dir = %self.registry.display(),
                 error = %e,
                 "cannot register the disk: the capacity agent will not count it"
             ),

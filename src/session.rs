@@ -85,7 +85,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         &cfg.exports,
         watch,
         cfg.reconnect.as_ref(),
-        Some(&cfg.registry_dir),
+        &cfg.registry_dir,
     );
     let mut s = Stream::new(conn);
     debug!(%peer, "client connected");
@@ -229,7 +229,7 @@ impl Client<'_> {
         disk: &Disk,
         tls: TlsIdentity,
     ) -> Result<SessionEnd, Hangup> {
-        let Some(served) = disk.served() else {
+        let (Some(served), Some(storage)) = (disk.served(), disk.storage()) else {
             // negotiate only returns Go after `open` succeeded.
             return Err(Hangup::Server("export chosen but no disk was built".into()));
         };
@@ -269,9 +269,6 @@ impl Client<'_> {
         }
 
         let mut stats = Stats::default();
-        let Some(storage) = disk.storage() else {
-            return Err(Hangup::Server("export chosen but no disk was built".into()));
-        };
         let end = transmit::serve(&mut s, &storage, n, &mut stats);
         let seconds = self.started.elapsed().as_secs_f64();
         let how = match &end {
