@@ -82,7 +82,8 @@ impl std::fmt::Debug for Key {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+/// Bytes as lowercase hex digits.
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 

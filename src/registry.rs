@@ -273,7 +273,7 @@ fn random_name() -> std::io::Result<String> {
     let raw: [u8; NAME_LEN / 2] = ring::rand::generate(&rng)
         .map_err(|_| std::io::Error::other("no random numbers"))?
         .expose();
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::reconnect::hex(&raw))
 }
 
 /// The claims of the disks alive now in `dir`, and how many entries were
@@ -302,10 +302,10 @@ pub fn census(dir: &Path) -> std::io::Result<(Vec<Claim>, usize)> {
         match read_entry(&dirent.path()) {
             Some(Some(claim)) => claims.push(claim),
             Some(None) => {
-                // Nobody holds it: its process is gone, or it is being
-                // made this instant. Remove it once it is clearly old (a
-                // live entry is rewritten every REFRESH), if we may: a
-                // standalone agent runs as the servers' user.
+                // Nobody holds it: an entry is locked before it gets its
+                // name, so its process is gone. Removed, if we may (a
+                // standalone agent runs as the servers' user), once ten
+                // REFRESH intervals old: a margin, not a need.
                 let old = dirent
                     .metadata()
                     .ok()
