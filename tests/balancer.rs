@@ -326,6 +326,16 @@ fn expected_answer(host: &Host) -> String {
     }
 }
 
+/// Fill a host's tmpdir to its last 4 MiB, below any --min-free here.
+fn fill(fs: &Mount) {
+    let filler = fs.path().join("filler");
+    let size = (fs.free() - 4 * MIB).to_string();
+    run_ok(
+        "fallocate",
+        cmd("fallocate", &["-l", &size, filler.to_str().unwrap()]),
+    );
+}
+
 #[test]
 fn three_hosts_behind_haproxy_with_their_agents() {
     require(&["haproxy", "mkfs.ext4"]);
@@ -464,15 +474,7 @@ fn three_hosts_behind_haproxy_with_their_agents() {
 
     // Fill host3's tmpdir: its agent drains it within two agent
     // intervals, and new clients go to the others without an error.
-    let filler = fs3.path().join("filler");
-    let fill = fs3.free() - 4 * MIB;
-    run_ok(
-        "fallocate",
-        cmd(
-            "fallocate",
-            &["-l", &fill.to_string(), filler.to_str().unwrap()],
-        ),
-    );
+    fill(&fs3);
     let filled = Instant::now();
     assert_eq!(h3.ask(), "drain\n");
     wait_until("HAProxy to drain host3", Duration::from_secs(10), || {
@@ -511,15 +513,7 @@ fn three_hosts_behind_haproxy_with_their_agents() {
 
     // Every host full: host1's tmpdir too. A new client is turned away
     // before the greeting, and no disk is made anywhere.
-    let filler1 = fs1.path().join("filler");
-    let fill1 = fs1.free() - 4 * MIB;
-    run_ok(
-        "fallocate",
-        cmd(
-            "fallocate",
-            &["-l", &fill1.to_string(), filler1.to_str().unwrap()],
-        ),
-    );
+    fill(&fs1);
     wait_until(
         "HAProxy to drain host1 too",
         Duration::from_secs(10),
