@@ -431,13 +431,19 @@ fn open_tmpfile(dir: &Path) -> io::Result<File> {
         .open(dir)
 }
 
+/// The start of the private names process `pid` gives its images
+/// ([`open_unlinked`]).
+fn private_prefix(pid: u32) -> String {
+    format!(".tmpdisk-{pid}-")
+}
+
 /// The fallback for filesystems without O_TMPFILE: a name nobody else can
 /// guess or open (O_EXCL, mode 0600), unlinked before anything else happens.
 fn open_unlinked(dir: &Path) -> io::Result<File> {
     for attempt in 0..100u32 {
         let name = dir.join(format!(
-            ".tmpdisk-{}-{}-{attempt}",
-            std::process::id(),
+            "{}{}-{attempt}",
+            private_prefix(std::process::id()),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos())
@@ -464,6 +470,51 @@ fn open_unlinked(dir: &Path) -> io::Result<File> {
     ))
 }
 
+/// After a signal ended a client process: remove what it may have left in
+/// the tmpdir. Where the filesystem has no O_TMPFILE, a kill between
+/// creating the image's private name and unlinking it leaves that name,
+/// empty; under systemd it is in the instance's private /var/tmp, which
+/// goes with the instance.
+pub fn clear_left_behind(tmpdir: &Path, pid: u32) {
+    match remove_left_behind(tmpdir, pid) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            pid,
+            removed,
+            "removed the empty image name a killed client process left"
+        ),
+        Err(e) => tracing::warn!(
+            pid,
+            tmpdir = %tmpdir.display(),
+            error = %e,
+            "cannot look for what a killed client process left in the tmpdir"
+        ),
+    }
+}
+
+/// Remove what a process `pid`, killed between creating a private name
+/// and unlinking it, can have left in `dir`: empty regular files under
+/// its prefix (nothing is written to the image before the unlink). Returns
+/// how many were removed.
+pub fn remove_left_behind(dir: &Path, pid: u32) -> io::Result<usize> {
+    let prefix = private_prefix(pid);
+    let mut removed = 0;
+    for dirent in std::fs::read_dir(dir)?.flatten() {
+        if !dirent.file_name().to_string_lossy().starts_with(&prefix) {
+            continue;
+        }
+        let path = dirent.path();
+        // Not followed: a symlink or a file with data is not ours.
+        let ours =
+            std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file() && m.len() == 0);
+        if ours {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +523,34 @@ mod tests {
         Image::create(&std::env::temp_dir(), size)
             .expect("image in temp dir")
             .0
+    }
+
+    #[test]
+    fn only_a_dead_process_s_empty_private_names_are_removed() {
+        let dir = std::env::temp_dir().join(format!("tmpdisk-left-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let touch = |name: &str, data: &[u8]| std::fs::write(dir.join(name), data).unwrap();
+        touch(".tmpdisk-424242-17-0", b"");
+        touch(".tmpdisk-424242-18-0", b"data: not what the window leaves");
+        touch(".tmpdisk-4242420-17-0", b"");
+        touch("tmpdisk-424242-17-0", b"");
+        std::os::unix::fs::symlink("/dev/null", dir.join(".tmpdisk-424242-19-0")).unwrap();
+        assert_eq!(remove_left_behind(&dir, 424242).unwrap(), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".tmpdisk-424242-18-0",
+                ".tmpdisk-424242-19-0",
+                ".tmpdisk-4242420-17-0",
+                "tmpdisk-424242-17-0"
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

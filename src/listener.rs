@@ -88,11 +88,13 @@ impl std::fmt::Display for ListenerError {
 }
 
 /// Run the accept loop until a stop signal. `serve` runs in each child and
-/// returns its exit code.
+/// returns its exit code; `killed` runs here for a child that a signal
+/// ended, to clear what it could not.
 pub fn run(
     listener: Listener,
     limits: ListenerLimits,
     serve: &dyn Fn(Conn, String) -> u8,
+    killed: &dyn Fn(u32),
 ) -> Result<(), ListenerError> {
     let fail = |doing: &'static str| move |e| ListenerError { doing, error: e };
     let signals = BlockedSignals::block(&[
@@ -160,7 +162,7 @@ pub fn run(
                     info!(signal = sig.as_str(), clients = children.len(), "stopping");
                     break Ok(());
                 }
-                None => reap(&mut children),
+                None => reap(&mut children, killed),
             }
         }
         if reported {
@@ -226,7 +228,7 @@ pub fn run(
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
-    stop_children(&signals, &mut children);
+    stop_children(&signals, &mut children, killed);
     stop
 }
 
@@ -345,7 +347,7 @@ fn drain_signals(signals: &BlockedSignals) -> Option<Signal> {
 
 /// Collect every child that has exited, logging the ones that failed;
 /// then kill whatever the dead left behind (orphans handed to us).
-fn reap(children: &mut HashMap<Pid, Child>) {
+fn reap(children: &mut HashMap<Pid, Child>, killed: &dyn Fn(u32)) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
@@ -360,6 +362,7 @@ fn reap(children: &mut HashMap<Pid, Child>) {
                 if children.remove(&pid).is_none() {
                     continue;
                 }
+                killed(pid.as_raw() as u32);
                 // The stop signals (ours, an admin's, or the terminal's
                 // Ctrl-C, which reaches the whole process group) are how a
                 // client process is meant to stop; anything else (SIGSEGV,
@@ -396,7 +399,11 @@ fn reap(children: &mut HashMap<Pid, Child>) {
 }
 
 /// Pass SIGTERM on to every child and wait (boundedly) for them.
-fn stop_children(signals: &BlockedSignals, children: &mut HashMap<Pid, Child>) {
+fn stop_children(
+    signals: &BlockedSignals,
+    children: &mut HashMap<Pid, Child>,
+    killed: &dyn Fn(u32),
+) {
     for pid in children.keys() {
         let _ = kill(*pid, Signal::SIGTERM);
     }
@@ -407,12 +414,13 @@ fn stop_children(signals: &BlockedSignals, children: &mut HashMap<Pid, Child>) {
             for (pid, _) in children.drain() {
                 let _ = kill(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
+                killed(pid.as_raw() as u32);
             }
             break;
         }
         let _ = sys::poll_one(signals.as_fd(), PollFlags::POLLIN, Some(left));
         let _ = drain_signals(signals);
-        reap(children);
+        reap(children, killed);
     }
     sys::kill_children(&|_| false);
 }

@@ -11,7 +11,9 @@ use tmpdisk::activation::{self, Activation, ActivationError};
 use tmpdisk::cli::{Args, Config, Mode};
 use tmpdisk::listener::ListenerError;
 use tmpdisk::tls::TlsError;
-use tmpdisk::{agent, crash, ignore_sigxfsz, listener, logging, session, set_not_dumpable, tls};
+use tmpdisk::{
+    agent, crash, ignore_sigxfsz, image, listener, logging, session, set_not_dumpable, tls,
+};
 
 /// Why tmpdisk could not start (or its listener stopped), which decides
 /// the exit status: the one place start-up errors meet the documented
@@ -122,7 +124,8 @@ fn run() -> Result<ExitCode, StartError> {
         ))),
         Activation::Listen(l) => {
             let serve = |conn, peer| session::serve(conn, peer, &cfg, tls.as_ref());
-            listener::run(l, cfg.limits.clone(), &serve).map_err(StartError::Listener)?;
+            let killed = |pid| image::clear_left_behind(&cfg.tmpdir, pid);
+            listener::run(l, cfg.limits.clone(), &serve, &killed).map_err(StartError::Listener)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -136,7 +139,8 @@ fn run_agent(cfg: &Config) -> Result<ExitCode, StartError> {
         }
         Activation::Listen(l) => {
             let serve = |conn, peer: String| agent::answer(conn, &peer, cfg);
-            listener::run(l, cfg.limits.clone(), &serve).map_err(StartError::Listener)?;
+            // The agent makes no disks: nothing to clear.
+            listener::run(l, cfg.limits.clone(), &serve, &|_| {}).map_err(StartError::Listener)?;
             Ok(ExitCode::SUCCESS)
         }
     }

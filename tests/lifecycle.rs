@@ -135,6 +135,47 @@ fn tmpdir_stays_empty_after_sigkill_of_listener_child() {
     wait_children_reaped(server.pid(), 0, "after SIGKILL of a child");
 }
 
+/// A client process killed between creating its image's private name and
+/// unlinking it (where the tmpdir has no O_TMPFILE; the window is two
+/// system calls, so the name it would leave is put there by hand): the
+/// listener removes that empty name when it reaps the process, and nothing
+/// else.
+#[test]
+fn the_listener_clears_the_name_a_killed_child_left() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("sigkill-window");
+    let server = Server::unix(&dir, &["64M"]);
+    let images = server.images().to_path_buf();
+    let held = HeldClient::start("h = connect(sys.argv[1])", "", &[server.uri()]);
+    let pid = serving_process(&server);
+    assert_ne!(pid, server.pid(), "the serving process must be a child");
+    let left = images.join(format!(".tmpdisk-{pid}-123456789-0"));
+    let not_ours = images.join(format!(".tmpdisk-{pid}-123456789-1"));
+    std::fs::write(&left, b"").unwrap();
+    std::fs::write(&not_ours, b"someone's data").unwrap();
+    // SAFETY: kill(2) on a process this test's server forked.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    wait_children_reaped(server.pid(), 0, "after SIGKILL of a child");
+    wait_until(
+        "the listener to remove the killed child's empty name",
+        Duration::from_secs(10),
+        || (!left.exists()).then_some(()),
+    );
+    assert!(not_ours.exists(), "a file with data is not the window's");
+    std::fs::remove_file(&not_ours).unwrap();
+    held.finish();
+    assert!(
+        server
+            .proc
+            .stderr()
+            .contains("removed the empty image name a killed client process left"),
+        "{}",
+        server.proc.stderr()
+    );
+}
+
 #[test]
 fn tmpdir_stays_empty_after_sigkill_of_socket_activated_process() {
     require(&[
