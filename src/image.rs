@@ -96,9 +96,16 @@ impl Image {
     }
 
     /// Make the file `size` bytes long again (a clone took the base's
-    /// length): what it grows by reads as zeroes, a hole.
+    /// length): what it grows by reads as zeroes, a hole. A file already
+    /// that long is left alone: xfs counts a truncate to the same length
+    /// as a truncate down, and then writes every dirty page back when the
+    /// file is closed. Measured on a clone of a 4 GiB base after 5 s of
+    /// 4 KiB random writes: the process took 9-15 s to exit, all of it in
+    /// close(2) writing the client's data out.
     pub fn set_size(&mut self, size: u64) -> io::Result<()> {
-        self.file.set_len(size)?;
+        if self.file.metadata()?.len() != size {
+            self.file.set_len(size)?;
+        }
         self.size = size;
         Ok(())
     }
