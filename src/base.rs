@@ -166,6 +166,17 @@ impl Base {
         Ok(())
     }
 
+    /// Whether a clone of the base into `dir` may work: the base is a file
+    /// on the same filesystem (FICLONE fails across filesystems, and for a
+    /// block device). A guess, for choosing how to make the image; the
+    /// clone itself decides.
+    pub fn may_clone_into(&self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |m: io::Result<std::fs::Metadata>| m.map(|m| m.dev()).ok();
+        !self.device
+            && dev(self.file.metadata()).is_some_and(|d| Some(d) == dev(std::fs::metadata(dir)))
+    }
+
     /// Make `image` a copy of the base by sharing its extents (reflink:
     /// FICLONE, on xfs with reflink=1, btrfs, bcachefs): no data is copied
     /// and no space taken. Fails (EXDEV, EOPNOTSUPP, EINVAL) where the

@@ -19,7 +19,7 @@ use crate::base::Base;
 use crate::cli::{DiskSpec, human_size};
 use crate::exports::{Catalog, Shape};
 use crate::handover::{Kind, Offer};
-use crate::image::Image;
+use crate::image::{Anonymity, Image};
 use crate::mkfs::{self, SetupError};
 use crate::nbd::negotiate::{Exports, OpenError, Purpose};
 use crate::nbd::storage::Storage;
@@ -541,7 +541,13 @@ impl<'a> Disk<'a> {
             });
         }
         check_free_space(spec)?;
-        let (mut image, how) = Image::create(&spec.tmpdir, spec.size).map_err(|e| {
+        // A clone is faster to write in a file unlinked at once than in an
+        // O_TMPFILE (see Image::create_as).
+        let how = match &spec.base {
+            Some(base) if base.may_clone_into(&spec.tmpdir) => Anonymity::Unlinked,
+            _ => Anonymity::Tmpfile,
+        };
+        let (mut image, how) = Image::create_as(&spec.tmpdir, spec.size, how).map_err(|e| {
             BuildError::Create(format!(
                 "cannot create the disk in {}: {e}",
                 spec.tmpdir.display()
