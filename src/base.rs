@@ -166,15 +166,18 @@ impl Base {
         Ok(())
     }
 
-    /// Whether a clone of the base into `dir` may work: the base is a file
-    /// on the same filesystem (FICLONE fails across filesystems, and for a
-    /// block device). A guess, for choosing how to make the image; the
-    /// clone itself decides.
-    pub fn may_clone_into(&self, dir: &Path) -> bool {
+    /// Whether a clone of the base into `dir` may work on xfs: the base is
+    /// a file on the same filesystem as `dir` (FICLONE fails across
+    /// filesystems, and for a block device), and that is xfs. A guess, for
+    /// choosing how to make the image (see `Image::create_as`, measured on
+    /// xfs only); the clone itself decides.
+    pub fn may_clone_on_xfs(&self, dir: &Path) -> bool {
+        use nix::sys::statfs::{XFS_SUPER_MAGIC, statfs};
         use std::os::unix::fs::MetadataExt;
         let dev = |m: io::Result<std::fs::Metadata>| m.map(|m| m.dev()).ok();
         !self.device
             && dev(self.file.metadata()).is_some_and(|d| Some(d) == dev(std::fs::metadata(dir)))
+            && statfs(dir).is_ok_and(|s| s.filesystem_type() == XFS_SUPER_MAGIC)
     }
 
     /// Make `image` a copy of the base by sharing its extents (reflink:

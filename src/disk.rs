@@ -541,10 +541,10 @@ impl<'a> Disk<'a> {
             });
         }
         check_free_space(spec)?;
-        // A clone is faster to write in a file unlinked at once than in an
-        // O_TMPFILE (see Image::create_as).
+        // A clone on xfs is faster to write in a file unlinked at once than
+        // in an O_TMPFILE (see Image::create_as).
         let how = match &spec.base {
-            Some(base) if base.may_clone_into(&spec.tmpdir) => Anonymity::Unlinked,
+            Some(base) if base.may_clone_on_xfs(&spec.tmpdir) => Anonymity::Unlinked,
             _ => Anonymity::Tmpfile,
         };
         let (mut image, how) = Image::create_as(&spec.tmpdir, spec.size, how).map_err(|e| {
