@@ -144,8 +144,7 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         for &p in &self.0 {
             if alive(p) {
-                // SAFETY: kill(2) on a process the test's own command started.
-                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                send_signal(p, libc::SIGKILL);
             }
         }
     }
@@ -386,8 +385,7 @@ fn tmpdir_without_o_tmpfile_uses_the_unlinked_fallback_and_leaves_nothing() {
     let _held = HeldClient::start("h = connect(sys.argv[1])", "", &[server.uri()]);
     let child = serving_child(&server);
     ours_only("while serving the second client");
-    // SAFETY: kill(2) on a process our server forked.
-    unsafe { libc::kill(child as i32, libc::SIGKILL) };
+    send_signal(child, libc::SIGKILL);
     wait_no_image_holders(mnt.path(), "after SIGKILL of the serving process");
     wait_dir_empty(mnt.path(), "after SIGKILL of the serving process");
     assert_dir_empty(&dir.join("backing"), "the filesystem under the FUSE mount");
@@ -671,8 +669,7 @@ fn sigterm_during_setup(listener: bool) {
     let pids = pids_in(&pids, 2);
     let _reaper = KillOnDrop(pids.clone());
     let started = Instant::now();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    send_signal(server.pid(), libc::SIGTERM);
     let status = server.wait_timeout(Duration::from_secs(15));
     let took = started.elapsed();
     assert!(
@@ -722,8 +719,7 @@ fn sigkill_during_setup_takes_the_mkfs_child_and_the_image_along() {
     let holders = wait_image_holders(&images, 2, "tmpdisk and its setup child hold the image");
     assert!(holders.contains(&pids[0]), "{holders:?} vs {pids:?}");
     // Only the server, as the OOM killer or an admin would.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    send_signal(server.pid(), libc::SIGKILL);
     server.wait();
     let left = wait_gone(&pids, Duration::from_secs(5));
     assert!(
@@ -747,8 +743,7 @@ fn sigterm_while_serving_exits_promptly_and_leaves_nothing() {
     );
     let child = serving_child(&server);
     let started = Instant::now();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    send_signal(server.pid(), libc::SIGTERM);
     let status = server.proc.wait_timeout(Duration::from_secs(15));
     let took = started.elapsed();
     assert!(
@@ -773,8 +768,7 @@ fn sigterm_while_serving_exits_promptly_and_leaves_nothing() {
     ]));
     nbdraw::negotiate(&mut sock, Framing::Structured, false).unwrap();
     let started = Instant::now();
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    send_signal(p.pid(), libc::SIGTERM);
     let status = p.wait_timeout(Duration::from_secs(15));
     assert!(
         status.is_some() && started.elapsed() < Duration::from_secs(5),
@@ -1306,8 +1300,7 @@ fn crashed_children_are_reaped_and_logged() {
     for (signal, name) in [(libc::SIGABRT, "SIGABRT"), (libc::SIGSYS, "SIGSYS")] {
         let _client = HeldClient::start("h = connect(sys.argv[1])", "", &[server.uri()]);
         let child = serving_child(&server);
-        // SAFETY: kill(2) on a process our server forked.
-        unsafe { libc::kill(child as i32, signal) };
+        send_signal(child, signal);
         wait_children_reaped(
             server.pid(),
             0,
@@ -1515,8 +1508,7 @@ fn setup_dies_with_a_killed_server(p: Privilege) {
         pid_ns(server.pid()),
         pid_ns(jobs[0])
     );
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
+    send_signal(server.pid(), libc::SIGKILL);
     server.wait();
     let left = wait_gone(&jobs, Duration::from_secs(5));
     assert!(
@@ -1710,11 +1702,8 @@ fn the_listener_kills_what_a_killed_client_process_left() {
     let _reaper = KillOnDrop(jobs.clone());
     let serving = wait_live_children(listener.pid(), 1, "one client")[0];
     let stand_in = wait_live_children(serving, 1, "the setup's stand-in")[0];
-    // SAFETY: kill(2) on processes of our own tmpdisk.
-    unsafe {
-        libc::kill(stand_in as i32, libc::SIGKILL);
-        libc::kill(serving as i32, libc::SIGKILL);
-    }
+    send_signal(stand_in, libc::SIGKILL);
+    send_signal(serving, libc::SIGKILL);
     let left = wait_gone(&jobs, Duration::from_secs(5));
     assert!(
         left.is_empty(),

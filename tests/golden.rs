@@ -142,13 +142,7 @@ fn scribble_and_fsck(mut m: KernelMount, fs_type: &str) {
 /// original; fsck is clean; the image never changes; nothing is left.
 fn two_clients_on(dir: &TestDir, images: &Path, base: &Path, fs_type: &str, copy: &str) {
     let before = sha256(base);
-    let mut server = Server::start_in(
-        dir,
-        Mode::Unix,
-        images,
-        &["--base", base.to_str().unwrap()],
-        &[],
-    );
+    let mut server = base_server(dir, images, base);
     let socket = dir.join("nbd.sock");
     let a = mount_copy(dir, "a", &socket);
     server
@@ -202,26 +196,38 @@ fn reflink_tmpdir(dir: &TestDir) -> (ReflinkFs, PathBuf) {
     (ReflinkFs { _mount: mount }, images)
 }
 
+/// `base` copied (sparse) onto the reflink filesystem whose images dir is
+/// `images`: the clone path needs the image on the tmpdir's filesystem.
+fn onto_reflink_fs(base: &Path, images: &Path) -> PathBuf {
+    let shared = images.parent().unwrap().join("base.img");
+    sparse_copy(base, &shared);
+    shared
+}
+
+/// A tmpdisk on a Unix socket serving `base` to every client.
+fn base_server(dir: &TestDir, images: &Path, base: &Path) -> Server {
+    Server::start_in(
+        dir,
+        Mode::Unix,
+        images,
+        &["--base", base.to_str().unwrap()],
+        &[],
+    )
+}
+
 #[test]
 fn clone_copies_on_a_reflink_tmpdir_take_no_space() {
     let dir = TestDir::new("golden-clone");
     let (xfs, images) = reflink_tmpdir(&dir);
     // The image lives on the same filesystem, as a clone needs.
     let base = image(&dir, "base.img", "ext4", "512M");
-    let shared = images.parent().unwrap().join("base.img");
-    sparse_copy(&base, &shared);
+    let shared = onto_reflink_fs(&base, &images);
     two_clients_on(&dir, &images, &shared, "ext4", "clone");
 
     // A fresh copy costs no space: its extents are the image's. (Its
     // st_blocks count them all, shared or not: the filesystem's free space
     // is what tells.)
-    let server = Server::start_in(
-        &dir,
-        Mode::Unix,
-        &images,
-        &["--base", shared.to_str().unwrap()],
-        &[],
-    );
+    let server = base_server(&dir, &images, &shared);
     let xfs_path = images.parent().unwrap().to_path_buf();
     let before = statfs_bytes(&xfs_path, "%f");
     let held = HeldClient::start("h = connect(sys.argv[1])", "h.shutdown()", &[server.uri()]);
@@ -268,15 +274,8 @@ fn a_clone_s_writes_are_dropped_not_written_out_when_its_client_leaves() {
     let dir = TestDir::new("golden-clone-exit");
     let (xfs, images) = reflink_tmpdir(&dir);
     let base = image(&dir, "base.img", "ext4", "256M");
-    let shared = images.parent().unwrap().join("base.img");
-    sparse_copy(&base, &shared);
-    let server = Server::start_in(
-        &dir,
-        Mode::Unix,
-        &images,
-        &["--base", shared.to_str().unwrap()],
-        &[],
-    );
+    let shared = onto_reflink_fs(&base, &images);
+    let server = base_server(&dir, &images, &shared);
     let mnt = images.parent().unwrap().to_str().unwrap().to_string();
     let dev = run_ok("findmnt", cmd("findmnt", &["-n", "-o", "SOURCE", &mnt]))
         .stdout
@@ -310,8 +309,7 @@ fn a_command_changes_each_copy_and_never_the_image() {
     let base = image(&dir, "base.img", "ext4", "64M");
     let original = blkid_tag(&base, "UUID");
     let (xfs, reflink_images) = reflink_tmpdir(&dir);
-    let shared = reflink_images.parent().unwrap().join("base.img");
-    sparse_copy(&base, &shared);
+    let shared = onto_reflink_fs(&base, &reflink_images);
     for (images, base, copy) in [
         (dir.subdir("images"), base.clone(), "copy"),
         (reflink_images.clone(), shared.clone(), "clone"),
@@ -358,20 +356,13 @@ fn sigkill_during_heavy_writes_leaves_nothing_and_the_image_intact() {
     let dir = TestDir::new("golden-kill");
     let base = image(&dir, "base.img", "ext4", "128M");
     let (xfs, reflink_images) = reflink_tmpdir(&dir);
-    let shared = reflink_images.parent().unwrap().join("base.img");
-    sparse_copy(&base, &shared);
+    let shared = onto_reflink_fs(&base, &reflink_images);
     for (images, base) in [
         (dir.subdir("images"), base.clone()),
         (reflink_images, shared),
     ] {
         let before = sha256(&base);
-        let server = Server::start_in(
-            &dir,
-            Mode::Unix,
-            &images,
-            &["--base", base.to_str().unwrap()],
-            &[],
-        );
+        let server = base_server(&dir, &images, &base);
         let writer = HeldClient::start(
             r#"
 import random, threading
@@ -391,8 +382,7 @@ threading.Thread(target=scribble, daemon=True).start()
         );
         let pid = wait_image_holders(&images, 1, "the writing client")[0];
         std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: kill(2) on the serving process of our own server.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        send_signal(pid, libc::SIGKILL);
         wait_no_image_holders(&images, "after kill -9 of the serving process");
         assert_dir_empty(&images, "after kill -9 of the serving process");
         assert_eq!(sha256(&base), before, "the image changed");

@@ -112,10 +112,7 @@ check(failed, "I/O must fail once the serving process is killed")
     );
     let pid = serving_process(server);
     assert_ne!(pid, server.pid(), "the serving process must be a child");
-    // SAFETY: kill(2) on a process this test's server forked.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    send_signal(pid, libc::SIGKILL);
     wait_no_image_holders(&images, "after SIGKILL of the serving process");
     assert_dir_empty(&images, "after SIGKILL of the serving process");
     client.finish();
@@ -153,10 +150,7 @@ fn the_listener_clears_the_name_a_killed_child_left() {
     let not_ours = images.join(format!(".tmpdisk-{pid}-123456789-1"));
     std::fs::write(&left, b"").unwrap();
     std::fs::write(&not_ours, b"someone's data").unwrap();
-    // SAFETY: kill(2) on a process this test's server forked.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    send_signal(pid, libc::SIGKILL);
     wait_children_reaped(server.pid(), 0, "after SIGKILL of a child");
     wait_until(
         "the listener to remove the killed child's empty name",

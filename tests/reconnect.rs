@@ -286,8 +286,7 @@ fn a_killed_waiting_process_leaves_nothing() {
     let name = format!(":id={TOKEN}");
     client(&uri(&dir, &name), 0, "killed", true);
     let holders = wait_image_holders(server.images(), 1, "the waiting process");
-    // SAFETY: kill(2) on the waiting process the test's server forked.
-    unsafe { libc::kill(holders[0] as i32, libc::SIGKILL) };
+    send_signal(holders[0], libc::SIGKILL);
     wait_no_image_holders(server.images(), "after SIGKILL of the waiting process");
     assert_dir_empty(server.images(), "after SIGKILL of the waiting process");
     let late = client(&uri(&dir, &name), 0, "", false);

@@ -170,11 +170,9 @@ fn partly_storable_write(name: &str, pages: u64, allocated: &[u64]) {
         &data,
     );
     let child = serving_child(&server);
-    // SAFETY: kill(2) on the server's serving process, which this test owns.
-    unsafe { libc::kill(child as i32, libc::SIGSTOP) };
+    send_signal(child, libc::SIGSTOP);
     s.write_all(&req).unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(child as i32, libc::SIGCONT) };
+    send_signal(child, libc::SIGCONT);
     let replies = nbdraw::read_replies(&mut s, framing, None).unwrap();
     let last = replies.last().unwrap();
     let back = read(&mut s, framing, 100, 0, data.len());

@@ -807,6 +807,15 @@ impl HeldClient {
 // ---------------------------------------------------------------------------
 // Looking at processes
 
+/// Sends `signal` to process `pid` (one the test started, or one its
+/// server forked).
+pub fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) takes two integers; no memory is involved.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
 /// (ppid, state) of a process, from /proc/PID/stat.
 pub fn proc_stat(pid: u32) -> Option<(u32, char)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
