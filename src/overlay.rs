@@ -1,21 +1,33 @@
-//! A client's copy-on-write copy of the base image where the tmpdir cannot
-//! share extents with it (ext4, tmpfs, a base elsewhere or a block device):
-//! the blocks the client has written live in a nameless sparse *delta*
-//! image of the disk's size, every other block is read from the base,
-//! which is never written. A bitmap says which 4 KiB blocks are the
-//! client's.
+//! A client's copy-on-write copy of the base image: the blocks the client
+//! has written live in its *delta*, a nameless image of the disk's size,
+//! every other block is read from the base, which is never written. A
+//! bitmap says which 4 KiB blocks are the client's.
 //!
-//! - A write of whole blocks goes to the delta; a write of part of a block
-//!   the client does not own yet first copies the rest of that block from
-//!   the base. The blocks are the client's once the write succeeded (a
-//!   failed write leaves them reading as before, which NBD allows).
+//! The delta starts one of two ways ([`Delta`]):
+//! - **empty** where the tmpdir cannot share extents with the base (ext4,
+//!   tmpfs, a base elsewhere or a block device): a sparse image. A write of
+//!   part of a block the client does not own yet first copies the rest of
+//!   that block from the base.
+//! - **a reflink clone** of the base: it already holds the base's bytes, so
+//!   any write goes straight to it and xfs does the copy-on-write. Reads of
+//!   what the client has not written still go to the base, because page
+//!   cache belongs to a file, not to its shared extents: a clone read
+//!   through itself cached its own copy of all the base's data it read
+//!   (+692 to +719 MiB per client reading the golden bench's 702 MiB base)
+//!   and read it at 2.4-2.8 GB/s through the loop device, while through
+//!   the base every client shares one cached copy (+0 MiB, 7.7-11.8 GB/s).
+//!
+//! Either way:
+//! - The blocks are the client's once a write succeeded (a failed write
+//!   leaves them reading as before, which NBD allows).
 //! - TRIM and WRITE_ZEROES make blocks the client's and read as zeroes:
 //!   never the base again.
 //! - Block status merges both: the delta's holes and data where the client
 //!   owns the blocks, the base's elsewhere (a hole of the base that the
 //!   client never wrote stays a hole).
 //! - Large reads stay zero-copy: sendfile from whichever file holds each
-//!   run; large block-aligned writes are spliced into the delta.
+//!   run; large writes are spliced into the delta (block-aligned ones only
+//!   into an empty delta).
 //!
 //! The bitmap has two levels: a leaf of 4 KiB covers 128 MiB of disk and
 //! exists only once the client wrote there, so memory is 32 KiB per GiB
@@ -162,34 +174,56 @@ impl Owned {
     }
 }
 
+/// What the delta holds where the client has not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    /// Holes: a fresh sparse image.
+    Empty,
+    /// The base's own bytes: a reflink clone of it.
+    Clone,
+}
+
 /// The client's copy of the base (see the module comment).
 pub struct Overlay {
     base: Arc<Base>,
     delta: Image,
+    from: Delta,
     owned: RefCell<Owned>,
 }
 
 impl Overlay {
-    /// A copy of `base` whose changes go to `delta` (a fresh, empty
-    /// nameless image of the disk's size).
-    pub fn new(base: Arc<Base>, delta: Image) -> Overlay {
+    /// A copy of `base` whose changes go to `delta`, a nameless image of
+    /// the disk's size that starts as `from` says.
+    pub fn new(base: Arc<Base>, delta: Image, from: Delta) -> Overlay {
         let blocks = delta.size().div_ceil(BLOCK);
         Overlay {
             base,
             delta,
+            from,
             owned: RefCell::new(Owned::new(blocks)),
         }
     }
 
     /// The copy a holder handed over (see [`crate::reconnect`]): the same
     /// base and delta, and the client's blocks from `map`.
-    pub fn adopt(base: Arc<Base>, delta: Image, map: &[u8]) -> Result<Overlay, BadHandover> {
+    pub fn adopt(
+        base: Arc<Base>,
+        delta: Image,
+        from: Delta,
+        map: &[u8],
+    ) -> Result<Overlay, BadHandover> {
         let owned = Owned::decode(delta.size().div_ceil(BLOCK), map)?;
         Ok(Overlay {
             base,
             delta,
+            from,
             owned: RefCell::new(owned),
         })
+    }
+
+    /// How the delta started.
+    pub fn from(&self) -> Delta {
+        self.from
     }
 
     /// What a handover sends: the delta, the base, and the block map (its
@@ -244,11 +278,17 @@ impl Overlay {
         (start, (start + BLOCK).min(self.size()))
     }
 
+    /// Whether the delta holds the right bytes around a write inside block
+    /// `b`: the client's own block, or anything in a clone.
+    fn delta_has(&self, b: u64) -> bool {
+        self.from == Delta::Clone || self.owned.borrow().get(b)
+    }
+
     /// Write `data` at `at`, inside one block `b`: straight to the delta if
-    /// the client owns the block, else over a copy of the rest of the block
-    /// from the base. The caller marks the block owned.
+    /// it holds the rest of the block, else over a copy of the rest of the
+    /// block from the base. The caller marks the block owned.
     fn write_in_block(&self, b: u64, at: u64, data: &[u8]) -> io::Result<()> {
-        if self.owned.borrow().get(b) {
+        if self.delta_has(b) {
             return self.delta.write_at(data, at);
         }
         let (start, stop) = self.block(b);
@@ -286,7 +326,7 @@ impl Overlay {
         for b in edges.into_iter().filter(|&b| !whole(b)) {
             let (start, stop) = self.block(b);
             let (from, to) = (offset.max(start), end.min(stop));
-            if self.owned.borrow().get(b) {
+            if self.delta_has(b) {
                 self.delta.zero(from, to - from, may_punch, fast)?;
             } else {
                 let zeroes = [0u8; BLOCK as usize];
@@ -423,10 +463,12 @@ impl Storage for Overlay {
         offset: u64,
         len: usize,
     ) -> io::Result<Option<Received>> {
-        // Only whole blocks can go straight into the delta; a partial one
-        // needs the rest of its block from the base first.
+        // Only whole blocks can go straight into an empty delta; a partial
+        // one needs the rest of its block from the base first.
         let end = offset + len as u64;
-        if !offset.is_multiple_of(BLOCK) || (!end.is_multiple_of(BLOCK) && end != self.size()) {
+        let whole =
+            offset.is_multiple_of(BLOCK) && (end.is_multiple_of(BLOCK) || end == self.size());
+        if !whole && self.from == Delta::Empty {
             return Ok(None);
         }
         let r = inp.splice_to_file(self.delta.as_fd(), offset, len)?;
@@ -487,9 +529,14 @@ mod tests {
         }
     }
 
-    fn overlay(b: &Arc<Base>) -> Overlay {
+    /// An overlay of `b` with a delta that starts as `from` says; a full
+    /// copy stands in for a clone (the same bytes, on any filesystem).
+    fn overlay(b: &Arc<Base>, from: Delta) -> Overlay {
         let delta = Image::create(&std::env::temp_dir(), DISK).unwrap().0;
-        Overlay::new(b.clone(), delta)
+        if from == Delta::Clone {
+            b.copy_into(&delta).unwrap();
+        }
+        Overlay::new(b.clone(), delta, from)
     }
 
     #[derive(Debug, Clone)]
@@ -523,13 +570,17 @@ mod tests {
 
         /// Random reads, writes (aligned or not), trims, zeroes and block
         /// status against a model of the disk's bytes, over a base shorter
-        /// than the disk (the rest reads as zeroes) with a hole in it. The
-        /// base file never changes.
+        /// than the disk (the rest reads as zeroes) with a hole in it, on
+        /// an empty delta and on a copy of the base. The base file never
+        /// changes.
         #[test]
-        fn the_overlay_behaves_like_a_plain_disk(ops in prop::collection::vec(op(), 1..60)) {
+        fn the_overlay_behaves_like_a_plain_disk(
+            from in prop_oneof![Just(Delta::Empty), Just(Delta::Clone)],
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
             let base_len = DISK - 5 * BLOCK - 123;
             let (_keep, b, base_bytes) = base(base_len);
-            let o = overlay(&b);
+            let o = overlay(&b, from);
             let mut model = base_bytes.clone();
             model.resize(DISK as usize, 0);
             for op in ops {

@@ -7,7 +7,7 @@
 //! byte, and the server logs the handover.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
@@ -158,15 +158,28 @@ b.shutdown()
     wait_no_image_holders(server.images(), "after the takeover");
 }
 
-#[test]
-fn an_overlay_copy_reconnects_with_its_own_blocks() {
-    require(&["python3-nbd"]);
-    let dir = TestDir::new("reconnect-overlay");
+/// A copy of the base whose client drops comes back with the blocks it
+/// wrote and trimmed, and the base's bytes everywhere else: run by both
+/// paths' tests below. `images` is the tmpdir.
+fn a_copy_reconnects_with_its_own_blocks(dir: &TestDir, images: &Path, base: &Path, copy: &str) {
     // A base of known bytes: block i holds i.
-    let base = dir.join("base.img");
     let bytes: Vec<u8> = (0..16 * 4096u32).map(|i| (i / 4096) as u8 + 1).collect();
-    std::fs::write(&base, &bytes).unwrap();
-    let (mut server, _) = server(&dir, "20", &["--base", base.to_str().unwrap()]);
+    std::fs::write(base, &bytes).unwrap();
+    let meet = dir.join("meet");
+    let mut server = Server::start_in(
+        dir,
+        Mode::Unix,
+        images,
+        &[
+            "--reconnect-dir",
+            meet.to_str().unwrap(),
+            "--reconnect-grace",
+            "20",
+            "--base",
+            base.to_str().unwrap(),
+        ],
+        &[],
+    );
     let name = format!(":id={TOKEN}");
     let script = r#"
 uri, phase = sys.argv[1], sys.argv[2]
@@ -186,17 +199,40 @@ for blk in range(16):
 h.shutdown()
 "#;
     run_ok(
-        "overlay A",
-        python(script, &[uri(&dir, &name), "write".into()]),
+        "client A",
+        python(script, &[uri(dir, &name), "write".into()]),
     );
     run_ok(
-        "overlay B",
-        python(script, &[uri(&dir, &name), "check".into()]),
+        "client B",
+        python(script, &[uri(dir, &name), "check".into()]),
     );
-    wait_no_image_holders(server.images(), "after the overlay client");
+    wait_no_image_holders(server.images(), "after the client");
     server
         .proc
         .wait_stderr("client reconnected to its disk", Duration::from_secs(10));
+    server
+        .proc
+        .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+}
+
+#[test]
+fn an_overlay_copy_reconnects_with_its_own_blocks() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("reconnect-overlay");
+    let images = dir.subdir("images");
+    a_copy_reconnects_with_its_own_blocks(&dir, &images, &dir.join("base.img"), "overlay");
+}
+
+/// The same on the clone path: the clone goes over with the client's block
+/// map, so the blocks it never wrote are still read from the base.
+#[test]
+fn a_clone_copy_reconnects_with_its_own_blocks() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("reconnect-clone");
+    let (xfs, images) = crate::golden::reflink_tmpdir(&dir);
+    let base = images.parent().unwrap().join("base.img");
+    a_copy_reconnects_with_its_own_blocks(&dir, &images, &base, "clone");
+    drop(xfs);
 }
 
 #[test]
