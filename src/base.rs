@@ -11,7 +11,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
+use crate::datamap::DataMap;
 use crate::image::{self, Image};
 use crate::nbd::storage::Extent;
 use crate::sys;
@@ -64,6 +66,10 @@ pub struct Base {
     size: u64,
     /// A block device: no holes to ask about, all of it reads as data.
     device: bool,
+    /// Where a file holds data, walked once per process (see
+    /// [`crate::datamap`]). A Mutex only so that the base can be shared
+    /// as `Arc`; one thread serves a client.
+    map: Mutex<DataMap>,
 }
 
 impl Base {
@@ -104,6 +110,7 @@ impl Base {
             path: path.to_path_buf(),
             size,
             device,
+            map: Mutex::default(),
         })
     }
 
@@ -125,6 +132,7 @@ impl Base {
             path: path.to_path_buf(),
             size,
             device,
+            map: Mutex::default(),
         })
     }
 
@@ -157,7 +165,11 @@ impl Base {
             if self.device {
                 image::push_extent(out, max, offset, inside, true);
             } else {
-                image::data_runs(&self.file, offset, inside, max, out)?;
+                let stop = offset + inside;
+                self.map
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extents(&self.file, self.size, offset, stop, max, out)?;
             }
         }
         if offset + inside < end {

@@ -332,6 +332,17 @@ pub(crate) fn push_extent(
 
 /// lseek with SEEK_DATA/SEEK_HOLE; `None` where the kernel says there is
 /// no more data (ENXIO) past `pos`.
+/// Where the next data at or after `pos` starts; None past the last.
+pub(crate) fn seek_data(file: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(file, pos, Whence::SeekData)
+}
+
+/// Where the next hole at or after `pos` starts (the end of the file is
+/// one); None past the end.
+pub(crate) fn seek_hole(file: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(file, pos, Whence::SeekHole)
+}
+
 fn seek(file: &File, pos: u64, whence: Whence) -> io::Result<Option<u64>> {
     match lseek(file, to_off(pos)?, whence) {
         Ok(p) => Ok(Some(p as u64)),

@@ -18,6 +18,7 @@ pub mod base;
 pub mod cli;
 pub mod conn;
 pub mod crash;
+pub(crate) mod datamap;
 pub(crate) mod disk;
 pub mod exportname;
 pub mod exports;
