@@ -4,10 +4,10 @@
 //! limit and free space (`--min-free`), creates the nameless image, and
 //! either runs mkfs or the command on it (giving back space mkfs reserved
 //! but left reading as zeroes), or makes it the client's copy of the base
-//! image: an overlay of the base whose delta it is, made a reflink clone of
-//! the base where the tmpdir can share extents with it (for a command,
-//! which needs the copy as one file: that clone served as it is, or else a
-//! full copy).
+//! image: an overlay whose delta it is, on any filesystem (a reflink clone
+//! lost to it on every count: see `crate::overlay`); for a command, which
+//! needs the copy as one file, a reflink clone where the tmpdir allows, a
+//! full copy elsewhere.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -25,7 +25,7 @@ use crate::mkfs::{self, SetupError};
 use crate::nbd::negotiate::{Exports, OpenError, Purpose};
 use crate::nbd::storage::Storage;
 use crate::nbd::wire::{REP_ERR_POLICY, REP_ERR_UNKNOWN};
-use crate::overlay::{Delta, Overlay};
+use crate::overlay::Overlay;
 use crate::reconnect::{self, Claim, Holder, Key};
 use crate::{registry, status, sys};
 
@@ -71,10 +71,9 @@ impl std::fmt::Display for BuildError {
 /// What holds a client's disk once it is built.
 pub enum Served {
     /// A nameless image: made by mkfs or a command, or a copy of the base
-    /// a command ran on (a reflink clone, or a full copy).
+    /// (a reflink clone, or a full copy for a command).
     Image(Image, Copy),
-    /// The base plus the client's own blocks, in an empty delta or in a
-    /// reflink clone of the base.
+    /// The base plus the client's own blocks.
     Overlay(Overlay),
 }
 
@@ -122,10 +121,7 @@ impl Served {
             Served::Image(_, Copy::None) => "",
             Served::Image(_, Copy::Clone) => "clone",
             Served::Image(_, Copy::Full) => "copy",
-            Served::Overlay(o) => match o.from() {
-                Delta::Clone => "clone",
-                Delta::Empty => "overlay",
-            },
+            Served::Overlay(_) => "overlay",
         }
     }
 
@@ -218,7 +214,6 @@ impl<'a> Disk<'a> {
         // the client's yet, and all of it may be copied on write.
         let shared = match served {
             Served::Image(i, Copy::Clone | Copy::Full) => i.allocated(),
-            Served::Overlay(o) if o.from() == Delta::Clone => o.allocated(),
             _ => 0,
         };
         match registry::Entry::register(self.registry, size, served.space_file(), shared) {
@@ -306,26 +301,24 @@ impl<'a> Disk<'a> {
         let listener = handed.listener;
         let mut files = handed.files.into_iter();
         let mut adopt = || -> Result<Served, String> {
-            Ok(
-                match (handed.offer.kind.delta(), files.next(), files.next()) {
-                    (None, Some(image), None) => {
-                        Served::Image(Image::adopt(image).map_err(|e| e.to_string())?, Copy::None)
-                    }
-                    (Some(from), Some(delta), Some(base)) => {
-                        let path = spec
-                            .base
-                            .as_ref()
-                            .map_or_else(PathBuf::new, |b| b.path().to_path_buf());
-                        let base = Base::adopt(base, &path).map_err(|e| e.to_string())?;
-                        let delta = Image::adopt(delta).map_err(|e| e.to_string())?;
-                        Served::Overlay(
-                            Overlay::adopt(Arc::new(base), delta, from, &handed.owned)
-                                .map_err(|e| e.to_string())?,
-                        )
-                    }
-                    _ => return Err("the wrong files for the disk".into()),
-                },
-            )
+            Ok(match (handed.offer.kind, files.next(), files.next()) {
+                (Kind::Image, Some(image), None) => {
+                    Served::Image(Image::adopt(image).map_err(|e| e.to_string())?, Copy::None)
+                }
+                (Kind::Overlay, Some(delta), Some(base)) => {
+                    let path = spec
+                        .base
+                        .as_ref()
+                        .map_or_else(PathBuf::new, |b| b.path().to_path_buf());
+                    let base = Base::adopt(base, &path).map_err(|e| e.to_string())?;
+                    let delta = Image::adopt(delta).map_err(|e| e.to_string())?;
+                    Served::Overlay(
+                        Overlay::adopt(Arc::new(base), delta, &handed.owned)
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
+                _ => return Err("the wrong files for the disk".into()),
+            })
         };
         let served =
             adopt().map_err(|e| failed(format!("cannot adopt the disk to reconnect to: {e}")))?;
@@ -433,7 +426,7 @@ impl<'a> Disk<'a> {
                 holder.hand_over(
                     taker,
                     &Offer {
-                        kind: Kind::overlay(o.from()),
+                        kind: Kind::Overlay,
                         size: delta.size(),
                         leaves,
                         waited_ms,
@@ -541,20 +534,6 @@ impl<'a> Disk<'a> {
         Ok(())
     }
 
-    /// Serve `base` with `image` as the delta.
-    fn overlay(
-        &mut self,
-        base: &Arc<Base>,
-        image: Image,
-        from: Delta,
-        how: Anonymity,
-        t: Instant,
-    ) -> Served {
-        self.mkfs_ms = t.elapsed().as_millis() as u64;
-        debug!(anonymity = ?how, ms = self.mkfs_ms, ?from, "overlay on the base");
-        Served::Overlay(Overlay::new(base.clone(), image, from))
-    }
-
     fn build(&mut self, spec: &DiskSpec, pipelined: bool) -> Result<Served, BuildError> {
         if let Some(limit) = sys::file_size_limit().filter(|&l| l < spec.size) {
             return Err(BuildError::FileSizeLimit {
@@ -564,9 +543,11 @@ impl<'a> Disk<'a> {
         }
         check_free_space(spec)?;
         // A clone on xfs is faster to write in a file unlinked at once than
-        // in an O_TMPFILE (see Image::create_as).
+        // in an O_TMPFILE (see Image::create_as); only a command's copy is
+        // a clone.
+        let command = spec.fs.command.is_some();
         let how = match &spec.base {
-            Some(base) if base.may_clone_on_xfs(&spec.tmpdir) => Anonymity::Unlinked,
+            Some(base) if command && base.may_clone_on_xfs(&spec.tmpdir) => Anonymity::Unlinked,
             _ => Anonymity::Tmpfile,
         };
         let (mut image, how) = Image::create_as(&spec.tmpdir, spec.size, how).map_err(|e| {
@@ -577,18 +558,14 @@ impl<'a> Disk<'a> {
         })?;
         status::status(&format!("building {}", self.description()));
         let t = Instant::now();
-        // Without a command the client's copy is served as an overlay: what
-        // it has not written is read from the base, whose page cache all
-        // clients share (see crate::overlay). A command changes the copy in
-        // ways no map records: that copy is served as the one file it is.
-        let command = spec.fs.command.is_some();
         let copy = match &spec.base {
             Some(base) => match copy_base(base, &mut image, spec)? {
-                None => return Ok(self.overlay(base, image, Delta::Empty, how, t)),
-                Some(Copy::Clone) if !command => {
-                    return Ok(self.overlay(base, image, Delta::Clone, how, t));
-                }
                 Some(copy) => copy,
+                None => {
+                    self.mkfs_ms = t.elapsed().as_millis() as u64;
+                    debug!(anonymity = ?how, ms = self.mkfs_ms, "overlay on the base");
+                    return Ok(Served::Overlay(Overlay::new(base.clone(), image)));
+                }
             },
             None => Copy::None,
         };
@@ -623,11 +600,14 @@ impl<'a> Disk<'a> {
     }
 }
 
-/// Make `image` the client's copy of `base`: a reflink clone where the
-/// tmpdir allows; else, if a command must run on the copy (it needs one
-/// file), a full copy of the base's data; else nothing (`None`: the caller
-/// serves an overlay, whose delta `image` is).
+/// Make `image` the client's copy of `base` if a command must run on it
+/// (it needs the copy as one file): a reflink clone where the tmpdir
+/// allows, else a full copy of the base's data. Without a command, nothing
+/// (`None`: the caller serves an overlay, whose delta `image` is).
 fn copy_base(base: &Base, image: &mut Image, spec: &DiskSpec) -> Result<Option<Copy>, BuildError> {
+    if spec.fs.command.is_none() {
+        return Ok(None);
+    }
     let copied = |e: std::io::Error| {
         BuildError::Copy(format!(
             "cannot copy the base image {}: {e}",
@@ -641,9 +621,6 @@ fn copy_base(base: &Base, image: &mut Image, spec: &DiskSpec) -> Result<Option<C
             return Ok(Some(Copy::Clone));
         }
         Err(e) => debug!(error = %e, "no reflink clone of the base here"),
-    }
-    if spec.fs.command.is_none() {
-        return Ok(None);
     }
     // A full copy must fit: check before writing anything.
     let need = base.data_bytes().map_err(copied)?;

@@ -5,7 +5,6 @@
 //! No system calls here.
 
 use crate::nbd::wire::{Put, Reader};
-use crate::overlay::Delta;
 
 const REQUEST_MAGIC: &[u8; 4] = b"TDRQ";
 const OFFER_MAGIC: &[u8; 4] = b"TDHO";
@@ -29,34 +28,15 @@ pub enum Kind {
     Image,
     /// The delta and the base, and the client's block map.
     Overlay,
-    /// The same for an overlay whose delta is a reflink clone of the base.
-    Clone,
 }
 
 impl Kind {
-    /// The kind of an overlay whose delta started as `from`.
-    pub fn overlay(from: Delta) -> Kind {
-        match from {
-            Delta::Empty => Kind::Overlay,
-            Delta::Clone => Kind::Clone,
-        }
-    }
-
-    /// How the delta started, for an overlay; None for an image.
-    pub fn delta(self) -> Option<Delta> {
-        match self {
-            Kind::Image => None,
-            Kind::Overlay => Some(Delta::Empty),
-            Kind::Clone => Some(Delta::Clone),
-        }
-    }
-
     /// The files that come with the offer: the disk's, then the holder's
     /// listening socket.
     fn files(self) -> usize {
         match self {
             Kind::Image => 2,
-            Kind::Overlay | Kind::Clone => 3,
+            Kind::Overlay => 3,
         }
     }
 }
@@ -114,7 +94,6 @@ pub fn encode_offer(o: &Offer) -> Vec<u8> {
     let kind = match o.kind {
         Kind::Image => 0,
         Kind::Overlay => 1,
-        Kind::Clone => 2,
     };
     let mut v = Vec::with_capacity(OFFER_LEN);
     v.put(OFFER_MAGIC)
@@ -136,7 +115,6 @@ pub fn decode_offer(b: &[u8], files: usize) -> Result<Offer, BadHandover> {
     let kind = match r.take(1) {
         Some([0]) => Kind::Image,
         Some([1]) => Kind::Overlay,
-        Some([2]) => Kind::Clone,
         Some(_) => return Err(BadHandover("unknown kind of disk")),
         None => return Err(BadHandover("short offer")),
     };
@@ -154,7 +132,7 @@ pub fn decode_offer(b: &[u8], files: usize) -> Result<Offer, BadHandover> {
     }
     let most = match kind {
         Kind::Image => 0,
-        Kind::Overlay | Kind::Clone => crate::overlay::leaves_for(size),
+        Kind::Overlay => crate::overlay::leaves_for(size),
     };
     if leaves > most {
         return Err(BadHandover("more block map than the disk has"));
@@ -193,11 +171,6 @@ mod tests {
         };
         assert_eq!(decode_offer(&encode_offer(&o), 3), Ok(o.clone()));
         assert!(decode_offer(&encode_offer(&o), 2).is_err(), "files");
-        let clone = Offer {
-            kind: Kind::Clone,
-            ..o.clone()
-        };
-        assert_eq!(decode_offer(&encode_offer(&clone), 3), Ok(clone));
         let too_many = Offer {
             leaves: 9,
             ..o.clone()

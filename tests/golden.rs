@@ -215,42 +215,67 @@ fn base_server(dir: &TestDir, images: &Path, base: &Path) -> Server {
     )
 }
 
+/// The same with a command (`true`: it changes nothing) run on each copy,
+/// which makes the copy one file: a reflink clone where `images` allows.
+fn clone_server(dir: &TestDir, images: &Path, base: &Path) -> Server {
+    Server::start_in(
+        dir,
+        Mode::Unix,
+        images,
+        &["--base", base.to_str().unwrap(), "--command", "true"],
+        &[],
+    )
+}
+
+/// On a reflink tmpdir a copy is an overlay all the same (a clone lost to
+/// it on every count: see src/overlay.rs), and costs no space; a command's
+/// copy is a clone, which costs none either.
 #[test]
-fn clone_copies_on_a_reflink_tmpdir_take_no_space() {
+fn copies_on_a_reflink_tmpdir_take_no_space() {
     let dir = TestDir::new("golden-clone");
     let (xfs, images) = reflink_tmpdir(&dir);
     // The image lives on the same filesystem, as a clone needs.
     let base = image(&dir, "base.img", "ext4", "512M");
     let shared = onto_reflink_fs(&base, &images);
-    two_clients_on(&dir, &images, &shared, "ext4", "clone");
+    two_clients_on(&dir, &images, &shared, "ext4", "overlay");
 
-    // A fresh copy costs no space: its extents are the image's. (Its
+    // A fresh copy costs no space: a clone's extents are the image's. (Its
     // st_blocks count them all, shared or not: the filesystem's free space
     // is what tells.)
-    let server = base_server(&dir, &images, &shared);
     let xfs_path = images.parent().unwrap().to_path_buf();
-    let before = statfs_bytes(&xfs_path, "%f");
-    let held = HeldClient::start("h = connect(sys.argv[1])", "h.shutdown()", &[server.uri()]);
-    wait_image_holders(&images, 1, "one client");
-    let taken = before.saturating_sub(statfs_bytes(&xfs_path, "%f"));
-    // The clone was made in a file unlinked at once, not an O_TMPFILE
-    // (`DIR/#INODE (deleted)`): random writes to a clone in an O_TMPFILE
-    // are half as fast on xfs (see Image::create_as). Unlinked all the
-    // same: the tmpdir lists nothing.
-    let holders = image_holders(&images);
-    let prefix = format!("{}/.tmpdisk-", images.display());
-    assert!(
-        holders
-            .iter()
-            .all(|(_, t)| t.starts_with(&prefix) && t.ends_with(" (deleted)")),
-        "the clone should be an unlinked private name: {holders:?}"
-    );
-    assert_eq!(fs::read_dir(&images).unwrap().count(), 0);
-    held.finish();
-    assert!(
-        taken <= MIB,
-        "a fresh clone of a 512 MiB image took {taken} bytes of the tmpdir"
-    );
+    for clone in [false, true] {
+        let mut server = match clone {
+            false => base_server(&dir, &images, &shared),
+            true => clone_server(&dir, &images, &shared),
+        };
+        let before = statfs_bytes(&xfs_path, "%f");
+        let held = HeldClient::start("h = connect(sys.argv[1])", "h.shutdown()", &[server.uri()]);
+        wait_image_holders(&images, 1, "one client");
+        let taken = before.saturating_sub(statfs_bytes(&xfs_path, "%f"));
+        // A clone is made in a file unlinked at once, not an O_TMPFILE
+        // (`DIR/#INODE (deleted)`): random writes to a clone in an
+        // O_TMPFILE are half as fast on xfs (see Image::create_as). An
+        // overlay's delta is an O_TMPFILE. Unlinked either way: the tmpdir
+        // lists nothing.
+        let holders = image_holders(&images);
+        let prefix = format!("{}/.tmpdisk-", images.display());
+        assert!(
+            holders
+                .iter()
+                .all(|(_, t)| t.starts_with(&prefix) == clone && t.ends_with(" (deleted)")),
+            "clone {clone}: {holders:?}"
+        );
+        assert_eq!(fs::read_dir(&images).unwrap().count(), 0);
+        held.finish();
+        let copy = if clone { "clone" } else { "overlay" };
+        server
+            .proc
+            .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+        assert!(
+            taken <= MIB,
+            "a fresh {copy} of a 512 MiB image took {taken} bytes of the tmpdir"
+        );
+    }
     drop(xfs);
 }
 
@@ -261,8 +286,8 @@ fn written_sectors(dev: &str) -> u64 {
     stat.split_whitespace().nth(6).unwrap().parse().unwrap()
 }
 
-/// What a client wrote to its clone is dropped when it leaves, never
-/// written out. The copy is set to the disk's size only where the clone
+/// What a client wrote to its clone (a command's copy) is dropped when it
+/// leaves, never written out. The copy is set to the disk's size only where the clone
 /// left it shorter: xfs counts a truncate to a file's own length as a
 /// truncate down and then writes its dirty pages back on close (a client
 /// that had written for 5 s took 9-15 s to exit, measured). How we know:
@@ -275,7 +300,7 @@ fn a_clone_s_writes_are_dropped_not_written_out_when_its_client_leaves() {
     let (xfs, images) = reflink_tmpdir(&dir);
     let base = image(&dir, "base.img", "ext4", "256M");
     let shared = onto_reflink_fs(&base, &images);
-    let server = base_server(&dir, &images, &shared);
+    let server = clone_server(&dir, &images, &shared);
     let mnt = images.parent().unwrap().to_str().unwrap().to_string();
     let dev = run_ok("findmnt", cmd("findmnt", &["-n", "-o", "SOURCE", &mnt]))
         .stdout
@@ -314,15 +339,15 @@ fn cached_bytes(fd_path: &str) -> u64 {
         .unwrap_or_else(|_| panic!("fincore printed {out:?}"))
 }
 
-/// A client of the clone path reads what it has not written from the
+/// A client on a reflink tmpdir reads what it has not written from the
 /// base, so every client shares the base's page cache: page cache belongs
-/// to a file, not to the extents it shares, and reading through the clone
+/// to a file, not to the extents it shares, and reading through a clone
 /// cached a copy of the base's data per client (+692 to +719 MiB for each
 /// client reading the golden bench's 702 MiB base, measured). How we
-/// know: a client reads all of its disk, correctly, and the server's clone
-/// has next to nothing in the page cache (the old code: all 48 MiB).
+/// know: a client reads all of its disk, correctly, and the server's copy
+/// has next to nothing in the page cache (a clone read through: all 48 MiB).
 #[test]
-fn a_clone_s_client_reads_the_base_through_its_shared_page_cache() {
+fn a_client_on_a_reflink_tmpdir_reads_the_base_through_its_page_cache() {
     require(&["python3-nbd", "fincore"]);
     let dir = TestDir::new("golden-clone-cache");
     let (xfs, images) = reflink_tmpdir(&dir);
@@ -343,20 +368,20 @@ fn a_clone_s_client_reads_the_base_through_its_shared_page_cache() {
     );
     server
         .proc
-        .wait_stderr("copy=\"clone\"", Duration::from_secs(10));
+        .wait_stderr("copy=\"overlay\"", Duration::from_secs(10));
     let holders = image_holders(&images);
-    assert_eq!(holders.len(), 1, "one clone held: {holders:?}");
+    assert_eq!(holders.len(), 1, "one copy held: {holders:?}");
     let (pid, target) = &holders[0];
     let fd = fds_of(*pid)
         .into_iter()
         .find(|(_, t)| t == target)
         .map(|(fd, _)| fd)
-        .expect("the clone's descriptor");
+        .expect("the copy's descriptor");
     let cached = cached_bytes(&format!("/proc/{pid}/fd/{fd}"));
     held.finish();
     assert!(
         cached < MIB,
-        "the clone holds {cached} bytes of page cache after its client read 48 MiB of the image"
+        "the copy holds {cached} bytes of page cache after its client read 48 MiB of the image"
     );
     drop(server);
     drop(xfs);
@@ -455,8 +480,8 @@ threading.Thread(target=scribble, daemon=True).start()
 }
 
 /// Random writes, trims and zeroes, aligned and not, by clients of each
-/// framing on both paths (an overlay on this tmpdir, a clone on a reflink
-/// one), checked against a model that starts as the image's bytes: an 8 MiB
+/// framing on both kinds of copy (an overlay on this tmpdir, a command's
+/// clone on a reflink one), checked against a model that starts as the image's bytes: an 8 MiB
 /// disk over a 6 MiB image of random bytes with a 1 MiB hole in it (so the
 /// disk's last 2 MiB are past the image's end). The image never changes.
 #[test]
@@ -490,13 +515,12 @@ fn random_io_on_both_paths_matches_a_model() {
         f.write_all(&bytes[hole.end..]).unwrap();
         drop(f);
         let before = sha256(&base);
-        let mut server = Server::start_in(
-            &dir,
-            Mode::Unix,
-            &tmpdir,
-            &["--base", base.to_str().unwrap(), "8M"],
-            &[],
-        );
+        // A command's copy is the clone: `true` leaves it as it is.
+        let mut args = vec!["--base", base.to_str().unwrap(), "8M"];
+        if copy == "clone" {
+            args.extend(["--command", "true"]);
+        }
+        let mut server = Server::start_in(&dir, Mode::Unix, &tmpdir, &args, &[]);
         let mut start = bytes.clone();
         start.resize(8 << 20, 0);
         for (i, framing) in [Framing::Simple, Framing::Structured, Framing::Extended]

@@ -161,25 +161,27 @@ b.shutdown()
 /// A copy of the base whose client drops comes back with the blocks it
 /// wrote and trimmed, and the base's bytes everywhere else: run by both
 /// paths' tests below. `images` is the tmpdir.
-fn a_copy_reconnects_with_its_own_blocks(dir: &TestDir, images: &Path, base: &Path, copy: &str) {
+fn a_copy_reconnects_with_its_own_blocks(
+    dir: &TestDir,
+    images: &Path,
+    base: &Path,
+    more: &[&str],
+    copy: &str,
+) {
     // A base of known bytes: block i holds i.
     let bytes: Vec<u8> = (0..16 * 4096u32).map(|i| (i / 4096) as u8 + 1).collect();
     std::fs::write(base, &bytes).unwrap();
     let meet = dir.join("meet");
-    let mut server = Server::start_in(
-        dir,
-        Mode::Unix,
-        images,
-        &[
-            "--reconnect-dir",
-            meet.to_str().unwrap(),
-            "--reconnect-grace",
-            "20",
-            "--base",
-            base.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "--reconnect-dir",
+        meet.to_str().unwrap(),
+        "--reconnect-grace",
+        "20",
+        "--base",
+        base.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    let mut server = Server::start_in(dir, Mode::Unix, images, &args, &[]);
     let name = format!(":id={TOKEN}");
     let script = r#"
 uri, phase = sys.argv[1], sys.argv[2]
@@ -220,18 +222,19 @@ fn an_overlay_copy_reconnects_with_its_own_blocks() {
     require(&["python3-nbd"]);
     let dir = TestDir::new("reconnect-overlay");
     let images = dir.subdir("images");
-    a_copy_reconnects_with_its_own_blocks(&dir, &images, &dir.join("base.img"), "overlay");
+    a_copy_reconnects_with_its_own_blocks(&dir, &images, &dir.join("base.img"), &[], "overlay");
 }
 
-/// The same on the clone path: the clone goes over with the client's block
-/// map, so the blocks it never wrote are still read from the base.
+/// The same for a command's copy, a reflink clone on this tmpdir: the
+/// clone goes over as the one file it is.
 #[test]
 fn a_clone_copy_reconnects_with_its_own_blocks() {
     require(&["python3-nbd"]);
     let dir = TestDir::new("reconnect-clone");
     let (xfs, images) = crate::golden::reflink_tmpdir(&dir);
     let base = images.parent().unwrap().join("base.img");
-    a_copy_reconnects_with_its_own_blocks(&dir, &images, &base, "clone");
+    let command = ["--command", "true"];
+    a_copy_reconnects_with_its_own_blocks(&dir, &images, &base, &command, "clone");
     drop(xfs);
 }
 

@@ -193,15 +193,20 @@ class Server:
     def golden_argv(self, endpoint, env):
         """The golden rows' servers, each started the way it is deployed:
         tmpdisk as for the tcp rows (a process per connection) with --base,
-        the xfs copy of the base for the clone path; qemu-nbd --snapshot by
+        and for the clone path the xfs copy of the base and --command true; qemu-nbd --snapshot by
         socket activation with Accept=no, one instance per client (it takes
         a listening socket from systemd, not a connected one); nbd-server
         listening itself, a child per client, under a subreaper (it always
         daemonizes)."""
         g, tools = self.cfg.golden, self.cfg.tools
         if self.name in GOLDEN_TMPDISK:
-            base = g.clone_base if self.name == "tmpdisk-clone" else g.base
-            return [tools.socket_activate, "--accept", "-l", endpoint] + env + [self.cfg.work.tmpdisk, "--base", base]
+            # Only a command's copy is a clone (tmpdisk serves every other copy
+            # as an overlay, on any filesystem); `true` changes nothing.
+            if self.name == "tmpdisk-clone":
+                extra = [g.clone_base, "--command", "true"]
+            else:
+                extra = [g.base]
+            return [tools.socket_activate, "--accept", "-l", endpoint] + env + [self.cfg.work.tmpdisk, "--base"] + extra
         if self.name == "qemu-nbd":  # TMPDIR (its snapshot's directory) comes from the environment
             return [sys.executable, ACTIVATE, "respawn", "-l", endpoint, "--",
                     tools.qemu_nbd, "--snapshot", "-f", "raw", g.base]
