@@ -389,6 +389,30 @@ fn install(ct: &Container, format: Format, package: &str) {
     };
 }
 
+/// Whether a 64-bit little-endian ELF executable is position-independent
+/// and whether it has a program interpreter (a dynamic loader), from its
+/// header and program headers.
+fn elf_layout(elf: &[u8]) -> Result<(bool, bool), String> {
+    let field = |at: usize, len: usize| -> Result<u64, String> {
+        let b = elf
+            .get(at..at + len)
+            .ok_or_else(|| format!("ELF cut short at byte {at}"))?;
+        Ok(b.iter().rev().fold(0u64, |v, &x| (v << 8) | u64::from(x)))
+    };
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    const ET_DYN: u64 = 3;
+    const PT_INTERP: u64 = 3;
+    let (phoff, phentsize, phnum) = (field(32, 8)?, field(54, 2)?, field(56, 2)?);
+    let mut interp = false;
+    for i in 0..phnum {
+        let at = usize::try_from(phoff + i * phentsize).map_err(|e| e.to_string())?;
+        interp |= field(at, 4)? == PT_INTERP;
+    }
+    Ok((field(16, 2)? == ET_DYN, interp))
+}
+
 fn reinstall(ct: &Container, format: Format, package: &str) {
     match format {
         Format::Deb => ct.ok(&["dpkg", "-i", package]),
@@ -430,6 +454,17 @@ fn check_installed_files(ct: &Container, format: Format) {
         assert!(
             ct.host_path(path).is_file(),
             "{format:?} package must install /{path}"
+        );
+    }
+    // The packages ship packaging/build-release's binary: on glibc a
+    // static-pie, which starts faster (once per client) than a dynamic one.
+    let elf = fs::read(ct.host_path("usr/bin/tmpdisk")).unwrap();
+    if cfg!(target_env = "gnu") {
+        assert_eq!(
+            elf_layout(&elf),
+            Ok((true, false)),
+            "{format:?} package: /usr/bin/tmpdisk must be a static-pie \
+             (position-independent, no program interpreter)"
         );
     }
     let docs = match format {
