@@ -242,6 +242,23 @@ impl Channel for Conn {
     fn sends_files(&self) -> bool {
         self.remote
     }
+
+    fn read_waiting(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // Only serving makes the fd non-blocking (a read pipe stays
+        // blocking, see start_serving): before that, or on such a pipe, a
+        // read could block.
+        if !self.serving || self.wr.is_some() {
+            return Ok(None);
+        }
+        loop {
+            match nix::unistd::read(self.read_fd(), buf) {
+                Ok(n) => return Ok(Some(n)),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
 }
 
 impl Transport for Conn {
@@ -410,5 +427,25 @@ mod tests {
         let got = reader.join().unwrap();
         assert_eq!(&got[..6], b"header");
         assert_eq!(&got[6..], &data[1000..151_000]);
+    }
+
+    /// `read_waiting` never blocks: nothing before serving starts (the fd
+    /// may still block), nothing when the client has sent nothing, what
+    /// it sent when it has, and the end of the stream as a read of 0.
+    #[test]
+    fn read_waiting_takes_only_what_is_there() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut conn = Conn::socket(OwnedFd::from(ours));
+        let mut buf = [0u8; 16];
+        theirs.write_all(b"early").unwrap();
+        assert_eq!(conn.read_waiting(&mut buf).unwrap(), None);
+        conn.start_serving(None).unwrap();
+        assert_eq!(conn.read_waiting(&mut buf).unwrap(), Some(5));
+        assert_eq!(&buf[..5], b"early");
+        assert_eq!(conn.read_waiting(&mut buf).unwrap(), None);
+        theirs.write_all(b"more").unwrap();
+        assert_eq!(conn.read_waiting(&mut buf).unwrap(), Some(4));
+        drop(theirs);
+        assert_eq!(conn.read_waiting(&mut buf).unwrap(), Some(0));
     }
 }
