@@ -263,10 +263,11 @@ impl Client<'_> {
             Some(name) => format!("export {name}"),
         };
         status::status(&format!("serving {peer}, {export}: {}", disk.description()));
-        crate::sys::release_free_memory();
         if let Err(e) = sandbox::lock_down() {
             warn!(error = %e, "serving without a seccomp filter");
         }
+        // After the filter: building it allocated too.
+        crate::sys::release_free_memory();
 
         let mut stats = Stats::default();
         let end = transmit::serve(&mut s, &storage, n, &mut stats);
