@@ -184,7 +184,10 @@ impl Base {
     /// choosing how to make the image (see `Image::create_as`, measured on
     /// xfs only); the clone itself decides.
     pub fn may_clone_on_xfs(&self, dir: &Path) -> bool {
-        use nix::sys::statfs::{XFS_SUPER_MAGIC, statfs};
+        use nix::sys::statfs::{FsType, statfs};
+        // nix names XFS_SUPER_MAGIC for glibc only; the value is the
+        // kernel's (include/uapi/linux/magic.h), the same on every libc.
+        const XFS_SUPER_MAGIC: FsType = FsType(0x5846_5342);
         use std::os::unix::fs::MetadataExt;
         let dev = |m: io::Result<std::fs::Metadata>| m.map(|m| m.dev()).ok();
         !self.device

@@ -541,9 +541,12 @@ pub fn set_not_dumpable() -> io::Result<()> {
 /// Give the heap's free memory back to the kernel. What start-up and
 /// negotiation allocated and freed (the command line, the exports file,
 /// the handshake) stays mapped otherwise, in every client's process.
+/// (musl's allocator returns freed memory by itself and has no
+/// malloc_trim.)
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap; it takes a size
     // and touches no memory of ours.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
     }

@@ -67,7 +67,7 @@ def parse_args():
 def tmpdisk_binary(opts):
     """The binary to measure (built first with --build), and whether it is
     older than the newest file in src/.  By default the packages' build
-    (packaging/build-release: a static-pie on glibc, which starts faster
+    (packaging/build-release: a musl (or glibc) static-pie, which starts faster
     than `cargo build --release`'s), so that the table measures what is
     deployed."""
     release = os.path.join(REPO, "packaging", "build-release")

@@ -456,8 +456,9 @@ fn check_installed_files(ct: &Container, format: Format) {
             "{format:?} package must install /{path}"
         );
     }
-    // The packages ship packaging/build-release's binary: on glibc a
-    // static-pie, which starts faster (once per client) than a dynamic one.
+    // The packages ship packaging/build-release's binary: a static-pie,
+    // which starts faster (once per client) than a dynamic one, linked
+    // against musl where the build had Rust's musl target, else glibc.
     let elf = fs::read(ct.host_path("usr/bin/tmpdisk")).unwrap();
     if cfg!(target_env = "gnu") {
         assert_eq!(
@@ -465,6 +466,20 @@ fn check_installed_files(ct: &Container, format: Format) {
             Ok((true, false)),
             "{format:?} package: /usr/bin/tmpdisk must be a static-pie \
              (position-independent, no program interpreter)"
+        );
+        let chosen = Command::new(format!("{REPO}/packaging/build-release"))
+            .arg("--print-path")
+            .output()
+            .expect("packaging/build-release --print-path runs");
+        let musl = String::from_utf8_lossy(&chosen.stdout).contains("-linux-musl/");
+        // glibc's start-up reads this variable; musl has no such name.
+        let glibc = elf.windows(14).any(|w| w == b"GLIBC_TUNABLES");
+        assert_eq!(
+            glibc,
+            !musl,
+            "{format:?} package: /usr/bin/tmpdisk must be linked against the \
+             libc packaging/build-release chose ({})",
+            if musl { "musl" } else { "glibc" }
         );
     }
     let docs = match format {
