@@ -471,6 +471,11 @@ fn check_installed_files(ct: &Container, format: Format) {
             .arg("--print-path")
             .output()
             .expect("packaging/build-release --print-path runs");
+        assert!(
+            chosen.status.success(),
+            "packaging/build-release --print-path failed: {}",
+            String::from_utf8_lossy(&chosen.stderr)
+        );
         let musl = String::from_utf8_lossy(&chosen.stdout).contains("-linux-musl/");
         // glibc's start-up reads this variable; musl has no such name.
         let glibc = elf.windows(14).any(|w| w == b"GLIBC_TUNABLES");
