@@ -13,10 +13,16 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
+use crate::clonemap::{self, Part};
 use crate::datamap::DataMap;
 use crate::image::{self, Image};
-use crate::nbd::storage::Extent;
+use crate::nbd::storage::{Extent, Storage};
 use crate::sys;
+
+/// The most extents of the base, or of a command's clone, that
+/// [`Base::compare_clone`] maps (2 MiB of them, 32 bytes each): a clone
+/// past it is served as the one file it is.
+pub const MAX_MAPPED: usize = 1 << 16;
 
 /// Why the base image cannot be used; the text is one line for stderr.
 #[derive(Debug)]
@@ -204,6 +210,22 @@ impl Base {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         sys::clone_file(image.as_fd(), self.file.as_fd())
+    }
+
+    /// What `clone`, a reflink clone of the base that a command has had,
+    /// still shares with the base and what the command changed, over the
+    /// clone's size (see [`crate::clonemap`]). The clone's dirty pages are
+    /// written out first (FIEMAP_FLAG_SYNC), so that every change is mapped
+    /// where it will stay. `Ok(None)` when either file has more than
+    /// [`MAX_MAPPED`] extents.
+    pub fn compare_clone(&self, clone: &Image) -> io::Result<Option<Vec<(u64, u64, Part)>>> {
+        let Some(ours) = sys::fiemap(self.file.as_fd(), false, MAX_MAPPED)? else {
+            return Ok(None);
+        };
+        let Some(theirs) = sys::fiemap(clone.as_fd(), true, MAX_MAPPED)? else {
+            return Ok(None);
+        };
+        Ok(Some(clonemap::compare(&ours, &theirs, clone.size())))
     }
 
     /// Call `f(offset, length)` for each run of the base that holds data,

@@ -6,8 +6,9 @@
 //! but left reading as zeroes), or makes it the client's copy of the base
 //! image: an overlay whose delta it is, on any filesystem (a reflink clone
 //! lost to it on every count: see `crate::overlay`); for a command, which
-//! needs the copy as one file, a reflink clone where the tmpdir allows, a
-//! full copy elsewhere.
+//! needs the copy as one file, a reflink clone where the tmpdir allows
+//! (served afterwards as an overlay over what the command left unchanged),
+//! a full copy elsewhere.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -121,6 +122,7 @@ impl Served {
             Served::Image(_, Copy::None) => "",
             Served::Image(_, Copy::Clone) => "clone",
             Served::Image(_, Copy::Full) => "copy",
+            Served::Overlay(o) if o.is_clone() => "clone",
             Served::Overlay(_) => "overlay",
         }
     }
@@ -578,6 +580,19 @@ impl<'a> Disk<'a> {
         if spec.fs.command.is_some() {
             // The command may have resized the file: serve what it made.
             image.refresh_size().map_err(BuildError::Stat)?;
+        }
+        if let (Copy::Clone, Some(base)) = (copy, &spec.base) {
+            // Its unchanged part is read from the base, as an overlay's.
+            match base.compare_clone(&image) {
+                Ok(Some(parts)) => {
+                    let o = Overlay::over_clone(base.clone(), image, &parts);
+                    debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, changed = o.owned_bytes(),
+                        "the command's clone served as an overlay");
+                    return Ok(Served::Overlay(o));
+                }
+                Ok(None) => debug!("too many extents to compare: the clone is served whole"),
+                Err(e) => debug!(error = %e, "cannot map the clone: it is served whole"),
+            }
         }
         // Space mkfs reserved but left reading as zeroes (xfs's log) would
         // otherwise stay allocated for the client's whole session. A user's

@@ -16,6 +16,7 @@ pub mod activation;
 pub mod agent;
 pub mod base;
 pub mod cli;
+pub mod clonemap;
 pub mod conn;
 pub mod crash;
 pub(crate) mod datamap;

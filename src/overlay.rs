@@ -22,7 +22,10 @@
 //!   (0.09 ms more than an empty delta, median of 60).
 //!
 //! A `--command` still gets a clone (or a full copy): it needs the copy as
-//! one file, and its changes are in no map (see `crate::disk`).
+//! one file. Once it has run, a clone becomes this overlay's delta, with
+//! the blocks the command changed as the client's, found from the two
+//! files' extent maps ([`Overlay::over_clone`], `crate::clonemap`); a full
+//! copy shares no blocks with the base and is served whole.
 //!
 //! - A write of whole blocks goes to the delta; a write of part of a block
 //!   the client does not own yet first copies the rest of that block from
@@ -48,10 +51,12 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use crate::base::Base;
+use crate::clonemap::Part;
 use crate::handover::BadHandover;
 use crate::image::{Image, push_extent};
 use crate::nbd::storage::{Extent, Received, Storage, ZeroCopy};
 use crate::nbd::wire::{Put, Reader};
+use tracing::debug;
 
 /// The unit of ownership.
 pub const BLOCK: u64 = 4096;
@@ -186,6 +191,8 @@ pub struct Overlay {
     base: Arc<Base>,
     delta: Image,
     owned: RefCell<Owned>,
+    /// The delta began as a command's clone of the base.
+    clone: bool,
 }
 
 impl Overlay {
@@ -197,7 +204,50 @@ impl Overlay {
             base,
             delta,
             owned: RefCell::new(Owned::new(blocks)),
+            clone: false,
         }
+    }
+
+    /// A command's reflink clone of `base`, served as an overlay whose
+    /// delta it is: the blocks `parts` says the command changed are the
+    /// client's, and every other block is read from the base, as for any
+    /// overlay. A clone served as one file read its unchanged blocks from
+    /// the device into a page cache of its own (+692 to +719 MiB per client
+    /// reading a 4 GiB image holding 702 MiB; see the module notes).
+    ///
+    /// The ranges still shared with the base are punched out of the clone
+    /// (whole blocks; metadata only): the client's writes there then fill
+    /// holes, as in any delta, rather than go through the filesystem's
+    /// copy-on-write, and the clone takes only the command's changes. A
+    /// punch that fails changes nothing that is read: those blocks are not
+    /// the client's.
+    pub fn over_clone(base: Arc<Base>, clone: Image, parts: &[(u64, u64, Part)]) -> Overlay {
+        let mut owned = Owned::new(clone.size().div_ceil(BLOCK));
+        for &(start, end, part) in parts {
+            match part {
+                Part::Changed => owned.set(start / BLOCK, end.div_ceil(BLOCK)),
+                Part::Shared => {
+                    let (first, last) = (start.next_multiple_of(BLOCK), end / BLOCK * BLOCK);
+                    if last > first
+                        && let Err(e) = clone.punch_hole(first, last - first)
+                    {
+                        debug!(error = %e, "cannot punch a shared range out of the clone");
+                    }
+                }
+                Part::Hole => {}
+            }
+        }
+        Overlay {
+            base,
+            delta: clone,
+            owned: RefCell::new(owned),
+            clone: true,
+        }
+    }
+
+    /// Whether the delta began as a command's clone of the base.
+    pub fn is_clone(&self) -> bool {
+        self.clone
     }
 
     /// The copy a holder handed over (see [`crate::reconnect`]): the same
@@ -208,6 +258,7 @@ impl Overlay {
             base,
             delta,
             owned: RefCell::new(owned),
+            clone: false,
         })
     }
 

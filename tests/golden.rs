@@ -343,9 +343,12 @@ fn cached_bytes(fd_path: &str) -> u64 {
 /// base, so every client shares the base's page cache: page cache belongs
 /// to a file, not to the extents it shares, and reading through a clone
 /// cached a copy of the base's data per client (+692 to +719 MiB for each
-/// client reading the golden bench's 702 MiB base, measured). How we
-/// know: a client reads all of its disk, correctly, and the server's copy
-/// has next to nothing in the page cache (a clone read through: all 48 MiB).
+/// client reading the golden bench's 702 MiB base, measured). The same
+/// holds for a command's copy, a reflink clone: what the command left
+/// unchanged is read from the base, what it wrote from the clone. How we
+/// know: a client reads all of its disk, correctly (the command's bytes
+/// included), and the server's copy has next to nothing in the page cache
+/// (a clone read through: all 48 MiB).
 #[test]
 fn a_client_on_a_reflink_tmpdir_reads_the_base_through_its_page_cache() {
     require(&["python3-nbd", "fincore"]);
@@ -355,35 +358,56 @@ fn a_client_on_a_reflink_tmpdir_reads_the_base_through_its_page_cache() {
     let bytes: Vec<u8> = (0..48u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
     fs::write(&base, &bytes).unwrap();
     let shared = onto_reflink_fs(&base, &images);
-    let want = sha256(&shared);
-    let mut server = base_server(&dir, &images, &shared);
-    let held = HeldClient::start(
-        "import hashlib\n\
-         h = connect(sys.argv[1])\n\
-         d = hashlib.sha256()\n\
-         for off in range(0, h.get_size(), 4 << 20): d.update(h.pread(4 << 20, off))\n\
-         assert d.hexdigest() == sys.argv[2], 'the copy reads differently from the image'",
-        "h.shutdown()",
-        &[server.uri(), &want],
+    // The command overwrites 9 bytes in the middle of a block of the base's
+    // data, and makes a block past the base's data its own.
+    let (mid, tail) = (20_000_003u64, 48u64 << 20);
+    let command = format!(
+        "printf tmpdisk-1 | dd of=\"$disk\" bs=1 seek={mid} conv=notrunc status=none && \
+         printf tmpdisk-2 | dd of=\"$disk\" bs=1 seek={tail} conv=notrunc status=none"
     );
-    server
-        .proc
-        .wait_stderr("copy=\"overlay\"", Duration::from_secs(10));
-    let holders = image_holders(&images);
-    assert_eq!(holders.len(), 1, "one copy held: {holders:?}");
-    let (pid, target) = &holders[0];
-    let fd = fds_of(*pid)
-        .into_iter()
-        .find(|(_, t)| t == target)
-        .map(|(fd, _)| fd)
-        .expect("the copy's descriptor");
-    let cached = cached_bytes(&format!("/proc/{pid}/fd/{fd}"));
-    held.finish();
-    assert!(
-        cached < MIB,
-        "the copy holds {cached} bytes of page cache after its client read 48 MiB of the image"
-    );
-    drop(server);
+    let mut changed = bytes.clone();
+    changed.resize(64 << 20, 0);
+    changed[mid as usize..mid as usize + 9].copy_from_slice(b"tmpdisk-1");
+    changed[tail as usize..tail as usize + 9].copy_from_slice(b"tmpdisk-2");
+    let mut plain = bytes.clone();
+    plain.resize(64 << 20, 0);
+    for (extra, want, copy) in [
+        (vec![], plain, "overlay"),
+        (vec!["--command", command.as_str()], changed, "clone"),
+    ] {
+        let mut args = vec!["--base", shared.to_str().unwrap(), "64M"];
+        args.extend(extra);
+        let mut server = Server::start_in(&dir, Mode::Unix, &images, &args, &[]);
+        let expected = dir.join(&format!("expected-{copy}.img"));
+        fs::write(&expected, &want).unwrap();
+        let held = HeldClient::start(
+            "import hashlib\n\
+             h = connect(sys.argv[1])\n\
+             d = hashlib.sha256()\n\
+             for off in range(0, h.get_size(), 4 << 20): d.update(h.pread(4 << 20, off))\n\
+             assert d.hexdigest() == sys.argv[2], 'the copy reads differently'",
+            "h.shutdown()",
+            &[server.uri(), &sha256(&expected)],
+        );
+        server
+            .proc
+            .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+        let holders = image_holders(&images);
+        assert_eq!(holders.len(), 1, "{copy}: one copy held: {holders:?}");
+        let (pid, target) = &holders[0];
+        let fd = fds_of(*pid)
+            .into_iter()
+            .find(|(_, t)| t == target)
+            .map(|(fd, _)| fd)
+            .expect("the copy's descriptor");
+        let cached = cached_bytes(&format!("/proc/{pid}/fd/{fd}"));
+        held.finish();
+        assert!(
+            cached < MIB,
+            "{copy}: the copy holds {cached} bytes of page cache after its client read 64 MiB"
+        );
+        drop(server);
+    }
     drop(xfs);
 }
 

@@ -1,0 +1,163 @@
+//! Which parts of a `--command`'s reflink clone still hold the base's own
+//! blocks, told from the two files' extent maps alone, without reading a
+//! byte: where the clone maps an offset to the same physical block as the
+//! base maps the same offset, the bytes are the base's (a shared block is
+//! never written in place: a write to either file gets a new block). What
+//! the command wrote, trimmed or grew is elsewhere.
+//!
+//! The clone is then served as an overlay whose delta it is (see
+//! [`crate::overlay::Overlay::over_clone`]), so that the client reads the
+//! unchanged part from the base's page cache, shared by every client,
+//! instead of caching a private copy of it.
+//!
+//! Anything the maps cannot vouch for counts as changed: an extent whose
+//! physical address does not name its bytes one to one (unwritten,
+//! delayed, encoded, inline, not aligned, unknown), or a hole in one file
+//! where the other has data. That errs towards serving the clone's bytes,
+//! which are right either way.
+
+use crate::sys::Mapping;
+
+/// FIEMAP_EXTENT_* flags under which an extent's physical address does not
+/// name its bytes one to one: UNKNOWN, DELALLOC, ENCODED, DATA_ENCRYPTED,
+/// NOT_ALIGNED, DATA_INLINE, DATA_TAIL, UNWRITTEN.
+const NOT_PLAIN: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800;
+
+/// What a range of the clone holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The base's own blocks, shared: the base's bytes.
+    Shared,
+    /// A hole in both files: zeroes either way.
+    Hole,
+    /// Anything else: the clone's own bytes.
+    Changed,
+}
+
+/// The first `size` bytes of the clone, cut into runs of one [`Part`] each,
+/// in order and covering `[0, size)`. `base` and `clone` are the files'
+/// extents as FIEMAP lists them (sorted, not overlapping).
+pub fn compare(base: &[Mapping], clone: &[Mapping], size: u64) -> Vec<(u64, u64, Part)> {
+    let mut cuts: Vec<u64> = vec![0, size];
+    for m in base.iter().chain(clone) {
+        let end = m.logical.saturating_add(m.length);
+        cuts.extend([m.logical.min(size), end.min(size)]);
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut out: Vec<(u64, u64, Part)> = Vec::new();
+    for w in cuts.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        let part = match (covering(base, a), covering(clone, a)) {
+            (None, None) => Part::Hole,
+            (Some(x), Some(y)) if same_block(x, y, a) => Part::Shared,
+            _ => Part::Changed,
+        };
+        match out.last_mut() {
+            Some(last) if last.2 == part && last.1 == a => last.1 = b,
+            _ => out.push((a, b, part)),
+        }
+    }
+    out
+}
+
+/// The extent of `map` that holds offset `at`, if any.
+fn covering(map: &[Mapping], at: u64) -> Option<&Mapping> {
+    let i = map.partition_point(|m| m.logical <= at);
+    let m = map.get(i.checked_sub(1)?)?;
+    (at < m.logical.saturating_add(m.length)).then_some(m)
+}
+
+/// Whether `x` and `y` put offset `at` in the same physical place, with
+/// addresses that name their bytes.
+fn same_block(x: &Mapping, y: &Mapping, at: u64) -> bool {
+    let place = |m: &Mapping| m.physical.checked_add(at - m.logical);
+    x.flags & NOT_PLAIN == 0
+        && y.flags & NOT_PLAIN == 0
+        && place(x).is_some()
+        && place(x) == place(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Mapping {
+        Mapping {
+            logical,
+            physical,
+            length,
+            flags,
+        }
+    }
+
+    #[test]
+    fn an_untouched_clone_is_all_shared_or_hole() {
+        let base = [ext(0, 1000, 100, 0), ext(300, 5000, 100, 0)];
+        assert_eq!(
+            compare(&base, &base, 500),
+            vec![
+                (0, 100, Part::Shared),
+                (100, 300, Part::Hole),
+                (300, 400, Part::Shared),
+                (400, 500, Part::Hole)
+            ]
+        );
+    }
+
+    /// A write in the middle of a shared extent moves those blocks; a
+    /// punched range and data where the base had a hole are the clone's;
+    /// the clone's extents may be cut differently from the base's and
+    /// still be shared where they line up.
+    #[test]
+    fn changes_are_found_wherever_the_blocks_differ() {
+        let base = [ext(0, 1000, 400, 0)];
+        let clone = [
+            ext(0, 1000, 100, 0),
+            ext(100, 9000, 50, 0),  // written: new blocks
+            ext(150, 1150, 150, 0), // shared again, its own extent
+            ext(500, 7000, 100, 0), // data past the base's data
+        ];
+        assert_eq!(
+            compare(&base, &clone, 700),
+            vec![
+                (0, 100, Part::Shared),
+                (100, 150, Part::Changed),
+                (150, 300, Part::Shared),
+                (300, 400, Part::Changed), // punched in the clone
+                (400, 500, Part::Hole),
+                (500, 600, Part::Changed),
+                (600, 700, Part::Hole)
+            ]
+        );
+    }
+
+    #[test]
+    fn extents_the_map_cannot_vouch_for_are_changed() {
+        for flags in [0x4, 0x8, 0x800, 0x2 | 0x1] {
+            let base = [ext(0, 1000, 100, 0)];
+            let clone = [ext(0, 1000, 100, flags)];
+            let want = if flags & NOT_PLAIN == 0 {
+                Part::Shared
+            } else {
+                Part::Changed
+            };
+            assert_eq!(
+                compare(&base, &clone, 100),
+                vec![(0, 100, want)],
+                "{flags:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_runs_stop_at_the_size_and_overflow_is_harmless() {
+        let base = [ext(0, u64::MAX - 10, u64::MAX, 0)];
+        let clone = [ext(0, u64::MAX - 10, 50, 0)];
+        assert_eq!(
+            compare(&base, &clone, 100),
+            vec![(0, 50, Part::Shared), (50, 100, Part::Changed)]
+        );
+        assert_eq!(compare(&[], &[], 0), vec![]);
+    }
+}
