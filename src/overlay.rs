@@ -504,6 +504,10 @@ impl Storage for Overlay {
         Ok(true)
     }
 
+    fn receive_align(&self) -> u64 {
+        BLOCK
+    }
+
     fn receive(
         &self,
         inp: &mut dyn ZeroCopy,

@@ -69,6 +69,14 @@ pub trait Storage {
         len: usize,
     ) -> io::Result<bool>;
 
+    /// Where [`Storage::receive`] can start taking a payload: at a multiple
+    /// of this many bytes of the disk (1: anywhere). The part of a large
+    /// write that came in with its header is written up to such a
+    /// boundary, so that the rest can go by splice.
+    fn receive_align(&self) -> u64 {
+        1
+    }
+
     /// Take the next `len` bytes the client sends through `inp` and store
     /// them at `offset`. `Ok(None)`, with nothing consumed, when this
     /// storage cannot; the caller then reads the payload itself. An `Err`
