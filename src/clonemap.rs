@@ -81,6 +81,69 @@ fn same_block(x: &Mapping, y: &Mapping, at: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A file's extents from (gap, length, physical, flags) steps: sorted,
+    /// not overlapping, as FIEMAP lists them.
+    fn layout(steps: &[(u64, u64, u64, u32)]) -> Vec<Mapping> {
+        let mut at = 0;
+        steps
+            .iter()
+            .map(|&(gap, length, physical, flags)| {
+                let m = ext(at + gap, physical, length, flags);
+                at += gap + length;
+                m
+            })
+            .collect()
+    }
+
+    /// What one byte offset holds, asked of the maps directly.
+    fn naive(base: &[Mapping], clone: &[Mapping], at: u64) -> Part {
+        let find = |map: &[Mapping]| {
+            map.iter()
+                .find(|m| m.logical <= at && at < m.logical + m.length)
+                .map(|m| (m.physical + (at - m.logical), m.flags & NOT_PLAIN == 0))
+        };
+        match (find(base), find(clone)) {
+            (None, None) => Part::Hole,
+            (Some((p, true)), Some((q, true))) if p == q => Part::Shared,
+            _ => Part::Changed,
+        }
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<(u64, u64, u64, u32)>> {
+        // Physical addresses from a small set, so that extents line up.
+        let flags = prop_oneof![4 => Just(0u32), 1 => Just(0x800u32), 1 => Just(0x1u32)];
+        prop::collection::vec(
+            (0..40u64, 1..40u64, (0..8u64).prop_map(|p| p * 16), flags),
+            0..8,
+        )
+    }
+
+    proptest! {
+        /// The runs cover [0, size) in order, no two neighbours alike, and
+        /// every offset's run says what the maps say of that offset.
+        #[test]
+        fn runs_agree_with_the_maps_offset_by_offset(
+            b in steps(), c in steps(), size in 0..400u64,
+        ) {
+            let (base, clone) = (layout(&b), layout(&c));
+            let runs = compare(&base, &clone, size);
+            let mut at = 0;
+            for (i, &(start, end, part)) in runs.iter().enumerate() {
+                prop_assert_eq!(start, at);
+                prop_assert!(end > start);
+                if i > 0 {
+                    prop_assert_ne!(runs[i - 1].2, part);
+                }
+                for o in start..end {
+                    prop_assert_eq!(part, naive(&base, &clone, o), "offset {}", o);
+                }
+                at = end;
+            }
+            prop_assert_eq!(at, size);
+        }
+    }
 
     fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Mapping {
         Mapping {
