@@ -10,10 +10,10 @@
 //! unchanged part from the base's page cache, shared by every client,
 //! instead of caching a private copy of it.
 //!
-//! Anything the maps cannot vouch for counts as changed: an extent whose
-//! physical address does not name its bytes one to one (unwritten,
-//! delayed, encoded, inline, not aligned, unknown), or a hole in one file
-//! where the other has data. That errs towards serving the clone's bytes,
+//! Anything the maps cannot vouch for counts as changed: an extent not
+//! marked shared, or whose physical address does not name its bytes one
+//! to one (unwritten, delayed, encoded, inline, not aligned, unknown), or
+//! a hole in one file where the other has data. That errs towards serving the clone's bytes,
 //! which are right either way.
 
 use crate::sys::Mapping;
@@ -22,6 +22,11 @@ use crate::sys::Mapping;
 /// name its bytes one to one: UNKNOWN, DELALLOC, ENCODED, DATA_ENCRYPTED,
 /// NOT_ALIGNED, DATA_INLINE, DATA_TAIL, UNWRITTEN.
 const NOT_PLAIN: u32 = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800;
+/// FIEMAP_EXTENT_SHARED: the filesystem says the blocks are shared with
+/// another file. Required of both sides: not every filesystem's physical
+/// addresses are real (CIFS reports the logical offset, with no flags, and
+/// can clone), and one that reports shared extents has real ones.
+const SHARED: u32 = 0x2000;
 
 /// What a range of the clone holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,14 +73,12 @@ fn covering(map: &[Mapping], at: u64) -> Option<&Mapping> {
     (at < m.logical.saturating_add(m.length)).then_some(m)
 }
 
-/// Whether `x` and `y` put offset `at` in the same physical place, with
-/// addresses that name their bytes.
+/// Whether `x` and `y` put offset `at` in the same physical place, both
+/// marked shared, with addresses that name their bytes.
 fn same_block(x: &Mapping, y: &Mapping, at: u64) -> bool {
+    let plain = |m: &Mapping| m.flags & NOT_PLAIN == 0 && m.flags & SHARED != 0 && m.physical != 0;
     let place = |m: &Mapping| m.physical.checked_add(at - m.logical);
-    x.flags & NOT_PLAIN == 0
-        && y.flags & NOT_PLAIN == 0
-        && place(x).is_some()
-        && place(x) == place(y)
+    plain(x) && plain(y) && place(x).is_some() && place(x) == place(y)
 }
 
 #[cfg(test)]
@@ -90,7 +93,12 @@ mod tests {
         steps
             .iter()
             .map(|&(gap, length, physical, flags)| {
-                let m = ext(at + gap, physical, length, flags);
+                let m = Mapping {
+                    logical: at + gap,
+                    physical,
+                    length,
+                    flags,
+                };
                 at += gap + length;
                 m
             })
@@ -102,7 +110,11 @@ mod tests {
         let find = |map: &[Mapping]| {
             map.iter()
                 .find(|m| m.logical <= at && at < m.logical + m.length)
-                .map(|m| (m.physical + (at - m.logical), m.flags & NOT_PLAIN == 0))
+                .map(|m| {
+                    let plain =
+                        m.flags & NOT_PLAIN == 0 && m.flags & SHARED != 0 && m.physical != 0;
+                    (m.physical + (at - m.logical), plain)
+                })
         };
         match (find(base), find(clone)) {
             (None, None) => Part::Hole,
@@ -113,7 +125,12 @@ mod tests {
 
     fn steps() -> impl Strategy<Value = Vec<(u64, u64, u64, u32)>> {
         // Physical addresses from a small set, so that extents line up.
-        let flags = prop_oneof![4 => Just(0u32), 1 => Just(0x800u32), 1 => Just(0x1u32)];
+        let flags = prop_oneof![
+            4 => Just(SHARED),
+            1 => Just(SHARED | 0x800),
+            1 => Just(SHARED | 0x1),
+            1 => Just(0u32),
+        ];
         prop::collection::vec(
             (0..40u64, 1..40u64, (0..8u64).prop_map(|p| p * 16), flags),
             0..8,
@@ -145,12 +162,13 @@ mod tests {
         }
     }
 
+    /// An extent; `flags` on top of SHARED (what a clone's extents carry).
     fn ext(logical: u64, physical: u64, length: u64, flags: u32) -> Mapping {
         Mapping {
             logical,
             physical,
             length,
-            flags,
+            flags: flags | SHARED,
         }
     }
 
@@ -193,6 +211,21 @@ mod tests {
                 (600, 700, Part::Hole)
             ]
         );
+    }
+
+    /// A filesystem that does not mark shared extents, or maps to
+    /// address 0, vouches for nothing (CIFS reports the logical offset as
+    /// the physical one).
+    #[test]
+    fn unshared_or_unaddressed_extents_are_changed() {
+        let unshared = |m: Mapping| Mapping {
+            flags: m.flags & !SHARED,
+            ..m
+        };
+        let base = [unshared(ext(0, 0, 100, 0)), unshared(ext(100, 100, 100, 0))];
+        assert_eq!(compare(&base, &base, 200), vec![(0, 200, Part::Changed)]);
+        let zero = [ext(0, 0, 100, 0)];
+        assert_eq!(compare(&zero, &zero, 100), vec![(0, 100, Part::Changed)]);
     }
 
     #[test]

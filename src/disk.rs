@@ -127,8 +127,8 @@ impl Served {
         }
     }
 
-    /// Bytes of the base the client replaced, where that is known (the
-    /// overlay keeps count).
+    /// Bytes of the base the client replaced (and, on a command's clone,
+    /// the command), where that is known (the overlay keeps count).
     pub fn changed(&self) -> Option<u64> {
         match self {
             Served::Overlay(o) => Some(o.owned_bytes()),
@@ -216,6 +216,9 @@ impl<'a> Disk<'a> {
         // the client's yet, and all of it may be copied on write.
         let shared = match served {
             Served::Image(i, Copy::Clone | Copy::Full) => i.allocated(),
+            // What the comparison could not vouch for may still be shared
+            // (btrfs's compressed extents, a punch that failed).
+            Served::Overlay(o) if o.is_clone() => o.allocated(),
             _ => 0,
         };
         match registry::Entry::register(self.registry, size, served.space_file(), shared) {
@@ -581,8 +584,11 @@ impl<'a> Disk<'a> {
             // The command may have resized the file: serve what it made.
             image.refresh_size().map_err(BuildError::Stat)?;
         }
-        if let (Copy::Clone, Some(base)) = (copy, &spec.base) {
-            // Its unchanged part is read from the base, as an overlay's.
+        // A clone is served as an overlay over its unchanged part, unless
+        // the command resized it: a reconnecting client's overlay must be
+        // the export's size (see crate::reconnect), an image need not.
+        let resized = image.size() != spec.size;
+        if let (Copy::Clone, Some(base), false) = (copy, &spec.base, resized) {
             match base.compare_clone(&image) {
                 Ok(Some(parts)) => {
                     let o = Overlay::over_clone(base.clone(), image, &parts);

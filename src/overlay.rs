@@ -24,8 +24,9 @@
 //! A `--command` still gets a clone (or a full copy): it needs the copy as
 //! one file. Once it has run, a clone becomes this overlay's delta, with
 //! the blocks the command changed as the client's, found from the two
-//! files' extent maps ([`Overlay::over_clone`], `crate::clonemap`); a full
-//! copy shares no blocks with the base and is served whole.
+//! files' extent maps ([`Overlay::over_clone`], `crate::clonemap`). A full
+//! copy (no reflink in the tmpdir), and a clone the command resized, are
+//! served whole.
 //!
 //! - A write of whole blocks goes to the delta; a write of part of a block
 //!   the client does not own yet first copies the rest of that block from
@@ -275,7 +276,7 @@ impl Overlay {
     }
 
     /// Bytes of the disk that are the client's own (written, trimmed,
-    /// zeroed).
+    /// zeroed; for a command's clone, also what the command changed).
     pub fn owned_bytes(&self) -> u64 {
         (self.owned.borrow().count() * BLOCK).min(self.size())
     }
@@ -581,6 +582,21 @@ mod tests {
     fn overlay(b: &Arc<Base>) -> Overlay {
         let delta = Image::create(&std::env::temp_dir(), DISK).unwrap().0;
         Overlay::new(b.clone(), delta)
+    }
+
+    /// Transmission gets the disk wrapped for the capacity registry; the
+    /// wrapper must say the overlay splices only whole blocks, or the
+    /// stream never lines a large write up for the splice (it did not, for
+    /// one commit: every large write was copied).
+    #[test]
+    fn the_registry_s_wrapper_passes_on_the_block_alignment() {
+        let (_keep, b, _) = base(DISK);
+        let o = overlay(&b);
+        let tracked = crate::registry::Tracked {
+            disk: &o,
+            entry: None,
+        };
+        assert_eq!(tracked.receive_align(), BLOCK);
     }
 
     #[derive(Debug, Clone)]

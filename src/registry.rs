@@ -257,6 +257,10 @@ impl Storage for Tracked<'_> {
         self.disk.send(out, head, offset, len)
     }
 
+    fn receive_align(&self) -> u64 {
+        self.disk.receive_align()
+    }
+
     fn receive(
         &self,
         inp: &mut dyn ZeroCopy,

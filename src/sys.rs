@@ -722,7 +722,12 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool, max: usize) -> io::Result<Option<V
         let mut fm = Fiemap {
             fm_start: start,
             fm_length: u64::MAX - start,
-            fm_flags: if sync { FIEMAP_FLAG_SYNC } else { 0 },
+            // The first call writes the whole file out; once is enough.
+            fm_flags: if sync && out.is_empty() {
+                FIEMAP_FLAG_SYNC
+            } else {
+                0
+            },
             fm_mapped_extents: 0,
             fm_extent_count: FIEMAP_BATCH as u32,
             fm_reserved: 0,
@@ -743,6 +748,17 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool, max: usize) -> io::Result<Option<V
         }
         let mut last = false;
         for e in &fm.fm_extents[..n] {
+            // In order and apart, as callers rely on; the kernel may start a
+            // batch with an extent that began before fm_start.
+            let prev_end = out
+                .last()
+                .map_or(0, |m: &Mapping| m.logical.saturating_add(m.length));
+            if e.fe_logical < prev_end {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "FIEMAP listed overlapping extents",
+                ));
+            }
             out.push(Mapping {
                 logical: e.fe_logical,
                 physical: e.fe_physical,

@@ -415,8 +415,9 @@ fn a_client_on_a_reflink_tmpdir_reads_the_base_through_its_page_cache() {
 /// unchanged, found from the two files' extent maps (src/clonemap.rs).
 /// Whatever the command does to the copy (writes in the middle of the
 /// image's data, zeroes it, punches or zero-ranges it, which leaves
-/// unwritten extents on xfs, shrinks or grows the file), the client reads
-/// exactly what the same command leaves in a plain copy of the image.
+/// unwritten extents on xfs, shrinks or grows the file: a resized clone is
+/// served whole), the client reads exactly what the same command leaves in
+/// a plain copy of the image.
 /// How we know: nbdcopy of the whole disk against the plain copy,
 /// byte for byte; the image's checksum never changes.
 #[test]

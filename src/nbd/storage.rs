@@ -69,13 +69,13 @@ pub trait Storage {
         len: usize,
     ) -> io::Result<bool>;
 
-    /// Where [`Storage::receive`] can start taking a payload: at a multiple
-    /// of this many bytes of the disk (1: anywhere). The part of a large
-    /// write that came in with its header is written up to such a
-    /// boundary, so that the rest can go by splice.
-    fn receive_align(&self) -> u64 {
-        1
-    }
+    /// Where [`Storage::receive`] can take a payload: from a multiple of
+    /// this many bytes of the disk (1: anywhere), and, for the overlay, up
+    /// to one or the disk's end. The part of a large write that came in
+    /// with its header is written up to such a boundary, so that the rest
+    /// can go by splice. No default: a wrapper that forgot to pass it on
+    /// silently copied every large write into an overlay.
+    fn receive_align(&self) -> u64;
 
     /// Take the next `len` bytes the client sends through `inp` and store
     /// them at `offset`. `Ok(None)`, with nothing consumed, when this

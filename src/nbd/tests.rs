@@ -155,6 +155,9 @@ impl Storage for MemDisk {
     fn send(&self, _: &mut dyn ZeroCopy, _: &[&[u8]], _: u64, _: usize) -> io::Result<bool> {
         Ok(false)
     }
+    fn receive_align(&self) -> u64 {
+        1
+    }
     fn receive(&self, _: &mut dyn ZeroCopy, _: u64, _: usize) -> io::Result<Option<Received>> {
         Ok(None)
     }
