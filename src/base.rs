@@ -24,6 +24,23 @@ use crate::sys;
 /// past it is served as the one file it is.
 pub const MAX_MAPPED: usize = 1 << 16;
 
+/// The most of a command's writes to its clone still in the page cache
+/// that [`Base::compare_clone`] writes out to compare the clone (tune2fs -U
+/// leaves a few KiB; 32 MiB is a fraction of a second on a disk).
+pub const MAX_WRITE_BACK: u64 = 32 << 20;
+
+/// What [`Base::compare_clone`] found.
+#[derive(Debug)]
+pub enum Compared {
+    /// The clone, cut into runs of what it holds.
+    Parts(Vec<(u64, u64, Part)>),
+    /// Either file has more than [`MAX_MAPPED`] extents.
+    TooManyExtents,
+    /// The command left this many bytes unwritten in the page cache, more
+    /// than [`MAX_WRITE_BACK`].
+    TooMuchToWriteBack(u64),
+}
+
 /// Why the base image cannot be used; the text is one line for stderr.
 #[derive(Debug)]
 pub enum BaseError {
@@ -216,16 +233,30 @@ impl Base {
     /// still shares with the base and what the command changed, over the
     /// clone's size (see [`crate::clonemap`]). The clone's dirty pages are
     /// written out first (FIEMAP_FLAG_SYNC), so that every change is mapped
-    /// where it will stay. `Ok(None)` when either file has more than
-    /// [`MAX_MAPPED`] extents.
-    pub fn compare_clone(&self, clone: &Image) -> io::Result<Option<Vec<(u64, u64, Part)>>> {
+    /// where it will stay; a command that left more than
+    /// [`MAX_WRITE_BACK`] of them is not compared: the client would wait
+    /// for that write-back, and the device take it, for data that is
+    /// dropped when the client leaves.
+    pub fn compare_clone(&self, clone: &Image) -> io::Result<Compared> {
+        // Unknown (a kernel before 6.5, a sandbox that refuses the call):
+        // compare anyway.
+        if let Ok(pages) = sys::dirty_pages(clone.as_fd()) {
+            let bytes = pages.saturating_mul(4096);
+            if bytes > MAX_WRITE_BACK {
+                return Ok(Compared::TooMuchToWriteBack(bytes));
+            }
+        }
         let Some(ours) = sys::fiemap(self.file.as_fd(), false, MAX_MAPPED)? else {
-            return Ok(None);
+            return Ok(Compared::TooManyExtents);
         };
         let Some(theirs) = sys::fiemap(clone.as_fd(), true, MAX_MAPPED)? else {
-            return Ok(None);
+            return Ok(Compared::TooManyExtents);
         };
-        Ok(Some(clonemap::compare(&ours, &theirs, clone.size())))
+        Ok(Compared::Parts(clonemap::compare(
+            &ours,
+            &theirs,
+            clone.size(),
+        )))
     }
 
     /// Call `f(offset, length)` for each run of the base that holds data,

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use tracing::{debug, error, info, warn};
 
-use crate::base::Base;
+use crate::base::{Base, Compared};
 use crate::cli::{DiskSpec, human_size};
 use crate::exports::{Catalog, Shape};
 use crate::handover::{Kind, Offer};
@@ -590,13 +590,19 @@ impl<'a> Disk<'a> {
         let resized = image.size() != spec.size;
         if let (Copy::Clone, Some(base), false) = (copy, &spec.base, resized) {
             match base.compare_clone(&image) {
-                Ok(Some(parts)) => {
+                Ok(Compared::Parts(parts)) => {
                     let o = Overlay::over_clone(base.clone(), image, &parts);
                     debug!(anonymity = ?how, mkfs_ms = self.mkfs_ms, changed = o.owned_bytes(),
                         "the command's clone served as an overlay");
                     return Ok(Served::Overlay(o));
                 }
-                Ok(None) => debug!("too many extents to compare: the clone is served whole"),
+                Ok(Compared::TooManyExtents) => {
+                    debug!("too many extents to compare: the clone is served whole")
+                }
+                Ok(Compared::TooMuchToWriteBack(dirty)) => debug!(
+                    dirty,
+                    "the command left too much unwritten to compare: the clone is served whole"
+                ),
                 Err(e) => debug!(error = %e, "cannot map the clone: it is served whole"),
             }
         }
