@@ -237,14 +237,7 @@ impl<C: Channel> Stream<C> {
             let want = out.len() - done;
             if want >= READ_BUF {
                 self.flush()?;
-                let n = match self.ch.read(&mut out[done..]) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    r => r.map_err(|e| Hangup::from_io(e, true))?,
-                };
-                if n == 0 {
-                    return Err(Hangup::Truncated);
-                }
-                done += n;
+                done += read_past_buffer(&mut self.ch, &mut out[done..])?;
             } else if self.fill()? == 0 {
                 return Err(Hangup::Truncated);
             }
@@ -390,14 +383,9 @@ impl<C: Channel> Stream<C> {
         self.rpos += buffered;
         let mut done = buffered;
         while done < want {
-            // Straight from the channel, never through the read buffer,
-            // which would take in more than `want`.
-            match self.ch.read(&mut head[done..]) {
-                Ok(0) => return Err(Hangup::Truncated),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Hangup::from_io(e, true)),
-            }
+            // Never through the read buffer, which would take in more than
+            // `want`.
+            done += read_past_buffer(&mut self.ch, &mut head[done..])?;
         }
         Ok(head)
     }
@@ -484,6 +472,20 @@ pub fn write_all_vectored<W: Write + ?Sized>(
         }
     }
     w.flush()
+}
+
+/// One read(2) straight from the channel into `out`, mid-message: how many
+/// bytes came (0 only if `out` is empty), an end of stream being
+/// [`Hangup::Truncated`]. A signal's interruption is retried.
+fn read_past_buffer<C: Channel>(ch: &mut C, out: &mut [u8]) -> Result<usize, Hangup> {
+    loop {
+        match ch.read(out) {
+            Ok(0) if !out.is_empty() => return Err(Hangup::Truncated),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Hangup::from_io(e, true)),
+        }
+    }
 }
 
 #[cfg(test)]
