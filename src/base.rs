@@ -240,11 +240,10 @@ impl Base {
     pub fn compare_clone(&self, clone: &Image) -> io::Result<Compared> {
         // Unknown (a kernel before 6.5, a sandbox that refuses the call):
         // compare anyway.
-        if let Ok(pages) = sys::dirty_pages(clone.as_fd()) {
-            let bytes = pages.saturating_mul(4096);
-            if bytes > MAX_WRITE_BACK {
-                return Ok(Compared::TooMuchToWriteBack(bytes));
-            }
+        if let Ok(bytes) = sys::dirty_bytes(clone.as_fd())
+            && bytes > MAX_WRITE_BACK
+        {
+            return Ok(Compared::TooMuchToWriteBack(bytes));
         }
         let Some(ours) = sys::fiemap(self.file.as_fd(), false, MAX_MAPPED)? else {
             return Ok(Compared::TooManyExtents);

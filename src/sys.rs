@@ -708,7 +708,7 @@ const FIEMAP_BATCH: usize = 128;
 /// _IOWR('f', 11, struct fiemap): the ioctl number of FS_IOC_FIEMAP.
 const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
-pub const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
 
 /// Where the file `fd` keeps its data (FS_IOC_FIEMAP), in order; `sync`
 /// writes its dirty pages out first, so that data still in the page cache
@@ -717,7 +717,8 @@ pub const FIEMAP_EXTENT_LAST: u32 = 0x1;
 /// does without, rather than hold an unbounded list.
 pub fn fiemap(fd: BorrowedFd<'_>, sync: bool, max: usize) -> io::Result<Option<Vec<Mapping>>> {
     let mut out = Vec::new();
-    let mut start = 0u64;
+    // Where the batch asks from, and where the last extent listed ends.
+    let (mut start, mut end) = (0u64, 0u64);
     loop {
         let mut fm = Fiemap {
             fm_start: start,
@@ -750,10 +751,7 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool, max: usize) -> io::Result<Option<V
         for e in &fm.fm_extents[..n] {
             // In order and apart, as callers rely on; the kernel may start a
             // batch with an extent that began before fm_start.
-            let prev_end = out
-                .last()
-                .map_or(0, |m: &Mapping| m.logical.saturating_add(m.length));
-            if e.fe_logical < prev_end {
+            if e.fe_logical < end {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "FIEMAP listed overlapping extents",
@@ -765,11 +763,9 @@ pub fn fiemap(fd: BorrowedFd<'_>, sync: bool, max: usize) -> io::Result<Option<V
                 length: e.fe_length,
                 flags: e.fe_flags,
             });
+            end = e.fe_logical.saturating_add(e.fe_length);
             last |= e.fe_flags & FIEMAP_EXTENT_LAST != 0;
         }
-        let Some(end) = out.last().map(|m| m.logical.saturating_add(m.length)) else {
-            return Ok(Some(out));
-        };
         if last || end <= start {
             return Ok(Some(out));
         }
@@ -795,11 +791,11 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
-/// Pages of `fd`'s page cache that are dirty or being written back
+/// Bytes of `fd`'s page cache that are dirty or being written back
 /// (cachestat(2), Linux 6.5; the libc crate does not name its number on
 /// x86_64 yet). Fails with ENOSYS on older kernels, and where a sandbox
 /// refuses the call.
-pub fn dirty_pages(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub fn dirty_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     #[cfg(target_arch = "x86_64")]
     const SYS_CACHESTAT: libc::c_long = 451;
     #[cfg(not(target_arch = "x86_64"))]
@@ -823,7 +819,15 @@ pub fn dirty_pages(fd: BorrowedFd<'_>) -> io::Result<u64> {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(cs.nr_dirty.saturating_add(cs.nr_writeback))
+        // cachestat counts pages of the kernel's page size.
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as u64);
+        Ok(cs
+            .nr_dirty
+            .saturating_add(cs.nr_writeback)
+            .saturating_mul(page))
     }
 }
 
