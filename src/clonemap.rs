@@ -13,8 +13,8 @@
 //! Anything the maps cannot vouch for counts as changed: an extent not
 //! marked shared, or whose physical address does not name its bytes one
 //! to one (unwritten, delayed, encoded, inline, not aligned, unknown), or
-//! a hole in one file where the other has data. That errs towards serving the clone's bytes,
-//! which are right either way.
+//! a hole in one file where the other has data. That errs towards serving
+//! the clone's bytes, which are right either way.
 
 use crate::sys::Mapping;
 
@@ -73,12 +73,17 @@ fn covering(map: &[Mapping], at: u64) -> Option<&Mapping> {
     (at < m.logical.saturating_add(m.length)).then_some(m)
 }
 
+/// Whether `m`'s physical address can be compared: marked shared, not 0,
+/// and naming its bytes one to one.
+fn vouches(m: &Mapping) -> bool {
+    m.flags & NOT_PLAIN == 0 && m.flags & SHARED != 0 && m.physical != 0
+}
+
 /// Whether `x` and `y` put offset `at` in the same physical place, both
-/// marked shared, with addresses that name their bytes.
+/// vouching for it.
 fn same_block(x: &Mapping, y: &Mapping, at: u64) -> bool {
-    let plain = |m: &Mapping| m.flags & NOT_PLAIN == 0 && m.flags & SHARED != 0 && m.physical != 0;
     let place = |m: &Mapping| m.physical.checked_add(at - m.logical);
-    plain(x) && plain(y) && place(x).is_some() && place(x) == place(y)
+    vouches(x) && vouches(y) && matches!((place(x), place(y)), (Some(p), Some(q)) if p == q)
 }
 
 #[cfg(test)]
@@ -110,11 +115,7 @@ mod tests {
         let find = |map: &[Mapping]| {
             map.iter()
                 .find(|m| m.logical <= at && at < m.logical + m.length)
-                .map(|m| {
-                    let plain =
-                        m.flags & NOT_PLAIN == 0 && m.flags & SHARED != 0 && m.physical != 0;
-                    (m.physical + (at - m.logical), plain)
-                })
+                .map(|m| (m.physical + (at - m.logical), vouches(m)))
         };
         match (find(base), find(clone)) {
             (None, None) => Part::Hole,
