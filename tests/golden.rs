@@ -348,7 +348,8 @@ fn cached_bytes(fd_path: &str) -> u64 {
 /// unchanged is read from the base, what it wrote from the clone. How we
 /// know: a client reads all of its disk, correctly (the command's bytes
 /// included), and the server's copy has next to nothing in the page cache
-/// (a clone read through: all 48 MiB).
+/// (a clone read through: all 48 MiB of the image's data; with the
+/// comparison turned off, the command's clone held 53 MiB).
 #[test]
 fn a_client_on_a_reflink_tmpdir_reads_the_base_through_its_page_cache() {
     require(&["python3-nbd", "fincore"]);
