@@ -137,6 +137,20 @@ pub fn lock_down() -> Result<(), SandboxError> {
     .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(|e| SandboxError::Build(e.to_string()))?;
     rules.insert(libc::SYS_socket, vec![unix_only]);
+    // ioctl only to ask how much of our output the client has not taken
+    // (conn.rs: sendfile or copy). The request is an unsigned long whose
+    // numbers fit in 32 bits; the libc crate types it c_ulong for glibc
+    // and c_int for musl, hence the cast.
+    #[allow(clippy::unnecessary_cast)]
+    let outq = SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::TIOCOUTQ as u64,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(|e| SandboxError::Build(e.to_string()))?;
+    rules.insert(libc::SYS_ioctl, vec![outq]);
     let program = build(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),

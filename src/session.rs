@@ -280,6 +280,7 @@ impl Client<'_> {
         info!(
             %peer,
             bytes_read = stats.bytes_read,
+            bytes_read_by_sendfile = stats.bytes_read_by_sendfile,
             bytes_written = stats.bytes_written,
             requests = stats.requests,
             disk_errors = stats.disk_errors,

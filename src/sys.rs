@@ -626,6 +626,21 @@ pub fn pending_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Bytes written to a socket that its peer has not taken yet: SIOCOUTQ
+/// (the same number as TIOCOUTQ). On a Unix stream socket these are the
+/// bytes the peer has not read; on TCP, those it has not acknowledged,
+/// which over loopback means those its full receive buffer has no room for.
+/// A pipe has no such count (ENOTTY).
+pub fn unsent_output(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points at
+    // a live stack variable.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// How [`flock`] locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {

@@ -185,3 +185,122 @@ fn unix_read_replies_queue_ahead_of_the_client() {
     drop(s);
     drop(server);
 }
+
+/// A client on this machine gets a read reply by sendfile while it waits
+/// for it, and copied once it has fallen behind (conn.rs says why). The
+/// disconnect line counts the bytes that left by sendfile, which is how
+/// this test sees the choice made under the seccomp filter (an ioctl the
+/// filter refused would copy everything). Four reads taken one at a time
+/// all go by sendfile; of eight sent at once and left unread until two
+/// replies have arrived, the first goes by sendfile and the second is
+/// copied, since the first was still untaken. Every reply carries the
+/// bytes written before it, so both ways deliver what was stored.
+#[test]
+fn a_local_client_gets_sendfile_while_it_waits_and_copies_when_behind() {
+    use crate::common::nbdraw::{self, Framing, Reply};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = TestDir::new("local-sendfile");
+    let mut server = Server::unix(&dir, &["64M"]);
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    nbdraw::negotiate(&mut s, Framing::Simple, false).expect("negotiate");
+    // Two replies fit in the server's send buffer even at the stock
+    // net.core.wmem_max (the buffer is then 416 KiB), and each is above
+    // the size below which replies are always copied (64 KiB).
+    const LEN: u64 = 128 << 10;
+    const AT: u64 = 16 << 20;
+    let data: Vec<u8> = (0..12 * LEN).map(|i| (i % 251) as u8 + 1).collect();
+    let write = nbdraw::request(
+        Framing::Simple,
+        0,
+        nbdraw::CMD_WRITE,
+        99,
+        AT,
+        12 * LEN,
+        &data,
+    );
+    s.write_all(&write).unwrap();
+    let r = nbdraw::read_reply(&mut s, Framing::Simple, None).expect("write reply");
+    assert_eq!(r.error(), 0, "the write failed");
+    let read = |i: u64| {
+        nbdraw::request(
+            Framing::Simple,
+            0,
+            nbdraw::CMD_READ,
+            i,
+            AT + i * LEN,
+            LEN,
+            &[],
+        )
+    };
+    let check = |s: &mut std::os::unix::net::UnixStream, i: u64| match nbdraw::read_reply(
+        s,
+        Framing::Simple,
+        Some(LEN as usize),
+    )
+    .expect("read reply")
+    {
+        Reply::Simple {
+            error: 0,
+            cookie,
+            data: got,
+        } => {
+            assert_eq!(cookie, i, "replies came out of order");
+            let at = (i * LEN) as usize;
+            assert!(
+                got == data[at..at + LEN as usize],
+                "read {i} is not what was written"
+            );
+        }
+        other => panic!("read {i}: unexpected reply {other:?}"),
+    };
+    for i in 0..4 {
+        s.write_all(&read(i)).unwrap();
+        check(&mut s, i);
+    }
+    for i in 4..12 {
+        s.write_all(&read(i)).unwrap();
+    }
+    let arrived = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the valid pointer we pass.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n as u64
+    };
+    wait_until("two read replies queued for us", DEADLINE, || {
+        (arrived() >= 2 * (LEN + 16)).then_some(())
+    });
+    for i in 4..12 {
+        check(&mut s, i);
+    }
+    s.write_all(&nbdraw::request(
+        Framing::Simple,
+        0,
+        nbdraw::CMD_DISC,
+        0,
+        0,
+        0,
+        &[],
+    ))
+    .unwrap();
+    drop(s);
+    server.proc.wait_stderr("client left", DEADLINE);
+    let log = server.proc.stderr();
+    let field = |name: &str| -> u64 {
+        let line = log.lines().find(|l| l.contains("client left")).unwrap();
+        let (_, rest) = line
+            .split_once(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("no {name} in {line}"));
+        rest.split(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(field("bytes_read"), 12 * LEN);
+    let by_sendfile = field("bytes_read_by_sendfile");
+    assert!(
+        (5 * LEN..=11 * LEN).contains(&by_sendfile),
+        "{by_sendfile} bytes left by sendfile; the four waited-for reads and the first \
+         of the burst must ({} bytes), the second of the burst must not",
+        5 * LEN
+    );
+}

@@ -47,10 +47,10 @@ pub trait Channel: Read + Write {
         Ok(None)
     }
 
-    /// Whether large read replies should leave straight from the file
-    /// (sendfile) rather than through our buffer, where
+    /// Whether a read reply of `len` bytes should leave straight from the
+    /// file (sendfile) rather than through our buffer, where
     /// [`Channel::zero_copy`] allows both.
-    fn sends_files(&self) -> bool {
+    fn sends_files(&self, _len: usize) -> bool {
         true
     }
 }
@@ -299,7 +299,7 @@ impl<C: Channel> Stream<C> {
         offset: u64,
         len: usize,
     ) -> Result<bool, Hangup> {
-        if !self.ch.sends_files() {
+        if !self.ch.sends_files(len) {
             return Ok(false);
         }
         let Some(out) = self.ch.zero_copy() else {

@@ -27,6 +27,9 @@ pub struct Stats {
     pub requests: u64,
     /// Bytes the client read from the disk (holes included).
     pub bytes_read: u64,
+    /// Of those, the bytes that left straight from the file (sendfile):
+    /// every read of a remote client, a local client's while it waits.
+    pub bytes_read_by_sendfile: u64,
     /// Bytes the client wrote to the disk.
     pub bytes_written: u64,
     /// Requests the disk failed (ENOSPC when the tmpdir is full...).
@@ -202,6 +205,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
         let h = simple_reply(0, req.cookie);
         let len = req.length as usize;
         if len >= ZERO_COPY_MIN && self.s.send_range(h.bytes(), self.disk, req.offset, len)? {
+            self.stats.bytes_read_by_sendfile += req.length;
             return Ok(());
         }
         let mut done = 0;
@@ -255,6 +259,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             let mut h = self.chunk_header(flags, REPLY_TYPE_OFFSET_DATA, req, 8 + len as u64);
             h.u64(x.offset);
             if self.s.send_range(h.bytes(), self.disk, x.offset, len)? {
+                self.stats.bytes_read_by_sendfile += x.length;
                 return Ok(true);
             }
         }
