@@ -310,7 +310,7 @@ impl<'a> Disk<'a> {
                 (Kind::Image, Some(image), None) => {
                     Served::Image(Image::adopt(image).map_err(|e| e.to_string())?, Copy::None)
                 }
-                (Kind::Overlay, Some(delta), Some(base)) => {
+                (Kind::Overlay { clone }, Some(delta), Some(base)) => {
                     let path = spec
                         .base
                         .as_ref()
@@ -318,7 +318,7 @@ impl<'a> Disk<'a> {
                     let base = Base::adopt(base, &path).map_err(|e| e.to_string())?;
                     let delta = Image::adopt(delta).map_err(|e| e.to_string())?;
                     Served::Overlay(
-                        Overlay::adopt(Arc::new(base), delta, &handed.owned)
+                        Overlay::adopt(Arc::new(base), delta, &handed.owned, clone)
                             .map_err(|e| e.to_string())?,
                     )
                 }
@@ -431,7 +431,9 @@ impl<'a> Disk<'a> {
                 holder.hand_over(
                     taker,
                     &Offer {
-                        kind: Kind::Overlay,
+                        kind: Kind::Overlay {
+                            clone: o.is_clone(),
+                        },
                         size: delta.size(),
                         leaves,
                         waited_ms,

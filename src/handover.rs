@@ -26,8 +26,10 @@ pub const LEAF_BYTES: usize = 8 + 8 * crate::overlay::LEAF_WORDS;
 pub enum Kind {
     /// The image.
     Image,
-    /// The delta and the base, and the client's block map.
-    Overlay,
+    /// The delta and the base, and the client's block map; `clone`: the
+    /// delta began as a command's clone of the base (its log line and its
+    /// capacity accounting say so after a reconnect too).
+    Overlay { clone: bool },
 }
 
 impl Kind {
@@ -36,7 +38,7 @@ impl Kind {
     fn files(self) -> usize {
         match self {
             Kind::Image => 2,
-            Kind::Overlay => 3,
+            Kind::Overlay { .. } => 3,
         }
     }
 }
@@ -93,7 +95,8 @@ pub fn decode_request(b: &[u8]) -> Result<[u8; 32], BadHandover> {
 pub fn encode_offer(o: &Offer) -> Vec<u8> {
     let kind = match o.kind {
         Kind::Image => 0,
-        Kind::Overlay => 1,
+        Kind::Overlay { clone: false } => 1,
+        Kind::Overlay { clone: true } => 2,
     };
     let mut v = Vec::with_capacity(OFFER_LEN);
     v.put(OFFER_MAGIC)
@@ -114,7 +117,8 @@ pub fn decode_offer(b: &[u8], files: usize) -> Result<Offer, BadHandover> {
     }
     let kind = match r.take(1) {
         Some([0]) => Kind::Image,
-        Some([1]) => Kind::Overlay,
+        Some([1]) => Kind::Overlay { clone: false },
+        Some([2]) => Kind::Overlay { clone: true },
         Some(_) => return Err(BadHandover("unknown kind of disk")),
         None => return Err(BadHandover("short offer")),
     };
@@ -132,7 +136,7 @@ pub fn decode_offer(b: &[u8], files: usize) -> Result<Offer, BadHandover> {
     }
     let most = match kind {
         Kind::Image => 0,
-        Kind::Overlay => crate::overlay::leaves_for(size),
+        Kind::Overlay { .. } => crate::overlay::leaves_for(size),
     };
     if leaves > most {
         return Err(BadHandover("more block map than the disk has"));
@@ -164,12 +168,17 @@ mod tests {
         assert!(decode_request(&long).is_err());
 
         let o = Offer {
-            kind: Kind::Overlay,
+            kind: Kind::Overlay { clone: false },
             size: 1 << 30,
             leaves: 8,
             waited_ms: 1500,
         };
         assert_eq!(decode_offer(&encode_offer(&o), 3), Ok(o.clone()));
+        let clone = Offer {
+            kind: Kind::Overlay { clone: true },
+            ..o.clone()
+        };
+        assert_eq!(decode_offer(&encode_offer(&clone), 3), Ok(clone));
         assert!(decode_offer(&encode_offer(&o), 2).is_err(), "files");
         let too_many = Offer {
             leaves: 9,

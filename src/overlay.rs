@@ -252,14 +252,20 @@ impl Overlay {
     }
 
     /// The copy a holder handed over (see [`crate::reconnect`]): the same
-    /// base and delta, and the client's blocks from `map`.
-    pub fn adopt(base: Arc<Base>, delta: Image, map: &[u8]) -> Result<Overlay, BadHandover> {
+    /// base and delta, the client's blocks from `map`, and whether the
+    /// delta began as a command's clone.
+    pub fn adopt(
+        base: Arc<Base>,
+        delta: Image,
+        map: &[u8],
+        clone: bool,
+    ) -> Result<Overlay, BadHandover> {
         let owned = Owned::decode(delta.size().div_ceil(BLOCK), map)?;
         Ok(Overlay {
             base,
             delta,
             owned: RefCell::new(owned),
-            clone: false,
+            clone,
         })
     }
 

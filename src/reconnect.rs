@@ -156,7 +156,7 @@ pub fn claim(settings: &Settings, key: &Key, size: u64) -> io::Result<Claim> {
     }
     let bad = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
     let offer = handover::decode_offer(&head, files.len()).map_err(|e| bad(e.to_string()))?;
-    if offer.kind == handover::Kind::Overlay && offer.size != size {
+    if matches!(offer.kind, handover::Kind::Overlay { .. }) && offer.size != size {
         return Err(bad(format!(
             "an overlay of {} bytes for an export of {size}",
             offer.size

@@ -215,6 +215,17 @@ h.shutdown()
     server
         .proc
         .wait_stderr(&format!("copy=\"{copy}\""), Duration::from_secs(10));
+    // The reconnected client's line too: the handover carries what the
+    // copy is (a clone's line said "overlay" once it was handed over).
+    let log = server.proc.stderr();
+    let served: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client served"))
+        .collect();
+    assert_eq!(served.len(), 2, "a line per client:\n{log}");
+    for line in served {
+        assert!(line.contains(&format!("copy=\"{copy}\"")), "{line}");
+    }
 }
 
 #[test]
