@@ -626,11 +626,13 @@ pub fn pending_input(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Bytes written to a socket that its peer has not taken yet: SIOCOUTQ
-/// (the same number as TIOCOUTQ). On a Unix stream socket these are the
-/// bytes the peer has not read; on TCP, those it has not acknowledged,
-/// which over loopback means those its full receive buffer has no room for.
-/// A pipe has no such count (ENOTTY).
+/// About how many bytes written to a socket its peer has not taken yet:
+/// SIOCOUTQ (the same number as TIOCOUTQ). On a Unix stream socket, the
+/// memory still charged for what the peer has not read (its buffers'
+/// overhead included, and a partly read buffer in full); on TCP, the
+/// bytes not yet sent or acknowledged, which over loopback means those the
+/// client's full receive buffer has no room for (what waits unread in
+/// that buffer is not counted). A pipe has no such count (ENOTTY).
 pub fn unsent_output(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the pointer, which points at

@@ -27,8 +27,10 @@ pub struct Stats {
     pub requests: u64,
     /// Bytes the client read from the disk (holes included).
     pub bytes_read: u64,
-    /// Of those, the bytes that left straight from the file (sendfile):
-    /// every read of a remote client, a local client's while it waits.
+    /// Of those, the bytes of replies that took the zero-copy path
+    /// (sendfile; a part past the end of a shorter file goes as written
+    /// zeroes): every read of a remote client, a local client's while it
+    /// waits.
     pub bytes_read_by_sendfile: u64,
     /// Bytes the client wrote to the disk.
     pub bytes_written: u64,
