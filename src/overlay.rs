@@ -419,6 +419,10 @@ impl Storage for Overlay {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            // Else the block at `offset` would be copied from the base.
+            return Ok(());
+        }
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         // The part of a first block the write does not start at, or does
