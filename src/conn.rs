@@ -237,18 +237,18 @@ impl Channel for Conn {
     /// requests (fio verifying every block, a kernel filesystem, a VM).
     /// The socket tells which: when less than this reply is still waiting
     /// for the client, it is about to wait for us, and the reply leaves by
-    /// sendfile; otherwise it is copied here, sparing the client. Measured
-    /// with fio (256 KiB x 16, alternating runs, one binary, TCP unless
-    /// said), against copying every reply and against sendfile for all.
-    /// (Over TCP the count leaves out what waits unread in the client's
-    /// receive buffer, so a client is seen as behind once that buffer is
-    /// full; the measurements are over TCP and Unix alike.)
-    /// the base's data read 3.8-5.0 GB/s against 2.0-3.0 and 2.8-3.7; a
-    /// filled disk's read 3.3-4.6 against 1.8-3.1 and 3.2-3.6 (Unix:
-    /// 3.5-4.9 against 2.1-2.5); the read-back while verifying, the
+    /// sendfile; otherwise it is copied here, sparing the client. Where the
+    /// count cannot be had (a pipe), replies are copied. Over TCP the count
+    /// leaves out what waits unread in the client's receive buffer, so a
+    /// client is seen as behind only once that buffer is full.
+    ///
+    /// Measured with fio (256 KiB x 16, alternating runs, one binary, TCP
+    /// unless said), against copying every reply and against sendfile for
+    /// all: the base's data read 3.8-5.0 GB/s against 2.0-3.0 and
+    /// 2.8-3.7; a filled disk's read 3.3-4.6 against 1.8-3.1 and 3.2-3.6
+    /// (Unix: 3.5-4.9 against 2.1-2.5); the read-back while verifying, the
     /// client's busiest case, 2.6-3.1 against 2.4-2.5 and 1.7-1.9 (Unix:
-    /// 3.2-4.1 against 3.4-3.5). Where the count cannot be had (a pipe),
-    /// replies are copied.
+    /// 3.2-4.1 against 3.4-3.5).
     fn sends_files(&self, len: usize) -> bool {
         self.remote || sys::unsent_output(self.write_fd()).is_ok_and(|untaken| untaken < len)
     }

@@ -438,9 +438,10 @@ impl Storage for Image {
         Ok(true)
     }
 
-    /// A splice lands anywhere in a plain file. (Its page cache took
-    /// unaligned writes better when this VM's memory was cold: see the
-    /// README, Performance.)
+    /// A splice lands anywhere in a plain file: nothing is topped up. (How
+    /// its page cache takes the aligned writes this gives a stream of
+    /// large writes when this VM's memory is cold: README, Performance,
+    /// "Payloads stay in the socket".)
     fn receive_align(&self) -> u64 {
         1
     }

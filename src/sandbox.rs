@@ -120,6 +120,14 @@ fn build(
         .map_err(|e: seccompiler::BackendError| bad(&e))
 }
 
+/// A rule that matches when argument `arg`'s low 32 bits equal `value`
+/// (both uses are 32-bit: a socket's domain, an ioctl's request).
+fn arg_equals(arg: u8, value: u64) -> Result<SeccompRule, SandboxError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .and_then(|c| SeccompRule::new(vec![c]))
+        .map_err(|e| SandboxError::Build(e.to_string()))
+}
+
 /// Restrict the process to the serving loop's system calls.
 pub fn lock_down() -> Result<(), SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
@@ -128,28 +136,13 @@ pub fn lock_down() -> Result<(), SandboxError> {
         .map(|&nr| (nr, Vec::new()))
         .collect();
     // New sockets only for sd_notify: AF_UNIX, nothing that reaches a network.
-    let unix_only = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_UNIX as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| SandboxError::Build(e.to_string()))?;
-    rules.insert(libc::SYS_socket, vec![unix_only]);
+    rules.insert(libc::SYS_socket, vec![arg_equals(0, libc::AF_UNIX as u64)?]);
     // ioctl only to ask how much of our output the client has not taken
     // (conn.rs: sendfile or copy). The request is an unsigned long whose
     // numbers fit in 32 bits; the libc crate types it c_ulong for glibc
     // and c_int for musl, hence the cast.
     #[allow(clippy::unnecessary_cast)]
-    let outq = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::TIOCOUTQ as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(|e| SandboxError::Build(e.to_string()))?;
+    let outq = arg_equals(1, libc::TIOCOUTQ as u64)?;
     rules.insert(libc::SYS_ioctl, vec![outq]);
     let program = build(
         rules,

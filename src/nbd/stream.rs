@@ -94,8 +94,8 @@ pub struct Stream<C> {
     /// How long the client took, after our last flush, to send more the
     /// last time we had to wait for it.
     last_gap: Option<Duration>,
-    /// A payload went to the disk by splice: the next read takes only the
-    /// next message's header (see [`Stream::read_message`]).
+    /// A large payload was taken on the splice path: the next read takes
+    /// only the next message's header (see [`Stream::read_message`]).
     header_next: bool,
 }
 
@@ -393,9 +393,10 @@ impl<C: Channel> Stream<C> {
     /// blocks into its delta by splice, and copied the whole payload of
     /// every large write when the rest began mid-block (strace -c, fio
     /// 256 KiB writes: four pwrite64 and a pread64 of the image per
-    /// request, no splice). A plain image splices from anywhere and is left
-    /// as it was: its page cache then gets the unaligned writes that held
-    /// up better when this VM's memory was cold (see README, Performance).
+    /// request, no splice). A plain image splices from anywhere, so its
+    /// head is just what was buffered. In a stream of large writes only the
+    /// first has a head: after it, [`Stream::read_message`] reads headers
+    /// alone.
     fn take_head(&mut self, offset: u64, len: usize, align: u64) -> Result<&[u8], Hangup> {
         let buffered = (self.rend - self.rpos).min(len);
         if buffered == 0 {
