@@ -41,7 +41,8 @@ def plan(settings, rows):
     add("tcp", GiB, "ext4", "seq", ["tcp.seq_write", "tcp.seq_read"])
     for tr in ("tcp", "unix"):
         add(tr, GiB, "ext4", "cseq", [tr + ".fio_write", tr + ".fio_verify", tr + ".nbdcopy_in",
-                                      tr + ".fio_write_ceiling"])
+                                      tr + ".fio_write_ceiling", tr + ".fio_overwrite",
+                                      tr + ".fio_overwrite_ceiling"])
         add(tr, GiB, FILLED, "cread", [tr + ".fio_read", tr + ".fio_read_ceiling"])
     add("tcp", GiB, "ext4", "fio", ["tcp.randread_qd1", "tcp.randread_qd16",
                                     "tcp.randwrite_qd1", "tcp.randwrite_qd16"])

@@ -196,6 +196,9 @@ def w_fio(srv, cfg, tr, want):
 
 # the C-client seq jobs: fio's nbd engine, 256 KiB requests, 16 in flight, 1 GiB
 FIO_SEQ = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=1g"]
+# the same requests over a 256 MiB region, for 5 s: written about 20-60 times
+FIO_SEQ_OVERWRITE = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=256m", "--rw=write",
+                     "--time_based", "--runtime=5"]
 
 
 def run_fio(cfg, uri, args, timeout=None):
@@ -243,6 +246,12 @@ def w_cseq(srv, cfg, tr, want):
         settle(cfg.settings)
         w = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=write"])["write"]
         out[tr + ".fio_write"] = (w["bw_bytes"] / 1e6, {"runtime_ms": w["runtime"]})
+    if want & {tr + ".fio_overwrite", tr + ".fio_overwrite_ceiling"}:
+        # a fresh connection (a fresh disk): 256 MiB written, then written
+        # again and again; only the first pass takes fresh pages
+        settle(cfg.settings)
+        w = run_fio(cfg, srv.uri, FIO_SEQ_OVERWRITE)["write"]
+        out[tr + ".fio_overwrite"] = (w["bw_bytes"] / 1e6, {"runtime_ms": w["runtime"], "io_MiB": w["io_bytes"] / MiB})
     if tr + ".fio_verify" in want and srv.name != "null":
         settle(cfg.settings)
         job = run_fio(cfg, srv.uri, FIO_SEQ + ["--rw=write", "--do_verify=1", "--verify=crc32c", "--verify_state_save=0",
