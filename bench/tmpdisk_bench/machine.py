@@ -28,9 +28,15 @@ def machine():
         for line in f:
             if line.startswith("MemTotal:"):
                 mem = int(line.split()[1]) * 1024
+    # TCP rows move with it: BBR paces loopback sockets too (bench/README.md)
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            tcp_cc = f.read().strip()
+    except OSError:
+        tcp_cc = "?"
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
             "ram_gib": round(mem / GiB, 1), "host": socket.gethostname(),
-            "load_start": os.getloadavg()}
+            "load_start": os.getloadavg(), "tcp_cc": tcp_cc}
 
 
 def versions(cfg):

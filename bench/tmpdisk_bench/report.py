@@ -171,8 +171,9 @@ def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False
     peers = ([ver["nbdkit"]] if nbdkit_rows else []) + ([ver["qemu-nbd"], ver["nbd-server"]] if g else [])
     lines = [
         "%s, %s, %s run%s" % (title, date, mode, ", median of %d repeats" % repeat if repeat > 1 else ""),
-        "machine: %s, %d cores, kernel %s, %.1f GiB RAM, load %.2f %.2f %.2f at start" % (
-            mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], *mach["load_start"]),
+        "machine: %s, %d cores, kernel %s, %.1f GiB RAM, TCP congestion control %s, load %.2f %.2f %.2f at start" % (
+            mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], mach.get("tcp_cc", "?"),
+            *mach["load_start"]),
         "; ".join(["tmpdisk %s (git %s, built %s)%s" % (
             ver["tmpdisk"].split()[-1], ver["tmpdisk_git"], work.tmpdisk_built,
             " [binary older than src/: rebuild!]" if work.stale else "")]
