@@ -196,7 +196,8 @@ def w_fio(srv, cfg, tr, want):
 
 # the C-client seq jobs: fio's nbd engine, 256 KiB requests, 16 in flight, 1 GiB
 FIO_SEQ = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=1g"]
-# the same requests over a 256 MiB region, for 5 s: written about 20-60 times
+# the same requests over a 256 MiB region, for 5 s: written 50-80 times at the
+# 2.7-4.1 GB/s measured (bench/README.md)
 FIO_SEQ_OVERWRITE = ["--bs=256k", "--iodepth=16", "--numjobs=1", "--size=256m", "--rw=write",
                      "--time_based", "--runtime=5"]
 
