@@ -117,11 +117,8 @@ impl Host {
 
     /// The clients this host served, by the address its log names.
     fn served(&self) -> BTreeSet<String> {
-        self.server
-            .proc
-            .stderr()
-            .lines()
-            .filter(|l| l.contains("client served"))
+        served_lines(&self.server.proc.stderr())
+            .into_iter()
             .filter_map(|l| l.split("peer=").nth(1))
             .filter_map(|r| r.split_whitespace().next())
             .map(String::from)

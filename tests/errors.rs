@@ -409,10 +409,7 @@ fn client_text_cannot_forge_log_lines() {
             .all(|l| !l.trim_start().starts_with("ERROR client process crashed")),
         "a client forged a log line:\n{log}"
     );
-    let served: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("client served"))
-        .collect();
+    let served = served_lines(&log);
     assert_eq!(served.len(), 1, "{log}");
     assert!(
         served[0].contains(r"export=x\u{a}\u{1b}[31mERROR client process crashed"),

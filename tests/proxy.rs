@@ -207,10 +207,7 @@ fn through_haproxy_the_log_names_the_client_not_the_balancer() {
         drop(s);
         // HAProxy's own side of the connection never shows up as a peer.
         let log = server.proc.stderr();
-        let served: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("client served"))
-            .collect();
+        let served = served_lines(&log);
         assert_eq!(served.len(), 2, "{send}:\n{log}");
     }
 }

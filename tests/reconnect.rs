@@ -218,10 +218,7 @@ h.shutdown()
     // The reconnected client's line too: the handover carries what the
     // copy is (a clone's line said "overlay" once it was handed over).
     let log = server.proc.stderr();
-    let served: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("client served"))
-        .collect();
+    let served = served_lines(&log);
     assert_eq!(served.len(), 2, "a line per client:\n{log}");
     for line in served {
         assert!(line.contains(&format!("copy=\"{copy}\"")), "{line}");

@@ -984,6 +984,13 @@ pub fn statfs_bytes(path: &Path, count: &str) -> u64 {
     v[0] * v[1]
 }
 
+/// The `client served` lines of a server's log, one per client served.
+pub fn served_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("client served"))
+        .collect()
+}
+
 /// Asserts `s` has exactly one non-empty line (an error message for people).
 pub fn assert_one_line(s: &str, what: &str) {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
