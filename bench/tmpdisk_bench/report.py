@@ -172,7 +172,7 @@ def header(cfg, mach, ver, date, repeat, markdown, nbdkit_rows=True, named=False
     lines = [
         "%s, %s, %s run%s" % (title, date, mode, ", median of %d repeats" % repeat if repeat > 1 else ""),
         "machine: %s, %d cores, kernel %s, %.1f GiB RAM, TCP congestion control %s, load %.2f %.2f %.2f at start" % (
-            mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], mach.get("tcp_cc", "?"),
+            mach["cpu"], mach["cores"], mach["kernel"], mach["ram_gib"], mach["tcp_cc"],
             *mach["load_start"]),
         "; ".join(["tmpdisk %s (git %s, built %s)%s" % (
             ver["tmpdisk"].split()[-1], ver["tmpdisk_git"], work.tmpdisk_built,
