@@ -154,7 +154,8 @@ struct Chosen {
 /// One client's disk (see the module comment).
 pub struct Disk<'a> {
     exports: &'a Catalog,
-    /// The client's connection (read side), watched while mkfs runs.
+    /// The client's connection (read side), watched while mkfs runs and
+    /// duplicated for a reconnect holder; kept until negotiation ends.
     client: Option<OwnedFd>,
     chosen: Option<Chosen>,
     /// The last name refused, logged once however often the client asks
@@ -229,6 +230,13 @@ impl<'a> Disk<'a> {
                 "cannot register the disk: the capacity agent will not count it"
             ),
         }
+    }
+
+    /// Negotiation is over: the connection is watched no more (a later
+    /// build, of another name or after STARTTLS, and the holder of a
+    /// tokened disk need it until then).
+    pub fn stop_watching(&mut self) {
+        self.client = None;
     }
 
     /// The client's TLS identity, once it has one. Negotiation starts over
@@ -766,8 +774,6 @@ impl Exports for Disk<'_> {
                     self.state = State::Failed(e);
                 }
             }
-            // Only mkfs needed to watch the client.
-            self.client = None;
         }
         self.sync_registry();
         match &self.state {

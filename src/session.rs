@@ -103,7 +103,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
         negotiate::negotiate(&mut s, &mut disk, no_zeroes, policy).map(|o| (no_zeroes, o))
     });
     let ended = match first {
-        Ok((_, NegotiationEnd::Go(n))) => client.transmission(s, &n, &disk, TlsIdentity::None),
+        Ok((_, NegotiationEnd::Go(n))) => client.transmission(s, &n, &mut disk, TlsIdentity::None),
         Ok((no_zeroes, NegotiationEnd::StartTls)) => match starttls(s, tls) {
             Ok((mut s, identity)) => {
                 // A reconnect finds its disk only under the same identity.
@@ -111,7 +111,7 @@ pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<Server
                 // Everything negotiated before STARTTLS is forgotten: this
                 // is a new round with fresh state (CVE-2021-3716).
                 match negotiate::negotiate(&mut s, &mut disk, no_zeroes, Tls::Active) {
-                    Ok(NegotiationEnd::Go(n)) => client.transmission(s, &n, &disk, identity),
+                    Ok(NegotiationEnd::Go(n)) => client.transmission(s, &n, &mut disk, identity),
                     Ok(_) => {
                         s.into_parts().map(|(mut t, _)| t.close()).ok();
                         Ok(SessionEnd::Negotiating)
@@ -226,9 +226,11 @@ impl Client<'_> {
         &self,
         mut s: Stream<T>,
         n: &Negotiated,
-        disk: &Disk,
+        disk: &mut Disk,
         tls: TlsIdentity,
     ) -> Result<SessionEnd, Hangup> {
+        disk.stop_watching();
+        let disk = &*disk;
         let (Some(served), Some(storage)) = (disk.served(), disk.storage()) else {
             // negotiate only returns Go after `open` succeeded.
             return Err(Hangup::Server("export chosen but no disk was built".into()));

@@ -304,6 +304,63 @@ os._exit(0)
     drop(server);
 }
 
+/// A connection that had a disk built under another name first (INFO of
+/// a command's export builds it, as `nbdinfo --list` does) still takes
+/// its tokened disk over, and still holds a fresh one. Before the fix the
+/// first build dropped the connection's watch, so the handover failed
+/// after the old process had given the disk up: the disk was lost.
+#[test]
+fn a_disk_built_earlier_in_the_negotiation_does_not_stop_a_reconnect() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("reconnect-after-info");
+    let (mut server, _) = server(&dir, "20", &["--command", "true", "64M"]);
+    let script = r#"
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(sys.argv[1])
+h.set_export_name("")
+h.opt_info()
+h.set_export_name(sys.argv[2])
+h.opt_go()
+print("read", bytes(h.pread(16, 1 << 20)).hex())
+h.pwrite(sys.argv[3].encode().ljust(4096, b"\0"), 1 << 20)
+os._exit(0)
+"#;
+    let plain = uri(&dir, "");
+    let (first, second) = (format!(":id={TOKEN}"), format!(":id={OTHER}"));
+    let a = client(
+        &uri(&dir, &format!(":id={TOKEN}")),
+        1 << 20,
+        "written by A",
+        true,
+    );
+    assert!(a.status.success(), "{a}");
+    // B: INFO builds a disk for "", then GO takes A's disk over.
+    let b = run_ok(
+        "INFO, then GO with a token",
+        python(script, &[plain.as_str(), &first, "written by B"]),
+    );
+    assert_eq!(read_line(&b), hex16("written by A"), "B must get A's disk");
+    // C: the same with a token no disk has: a fresh disk, held.
+    let c = run_ok(
+        "INFO, then GO with a new token",
+        python(script, &[plain.as_str(), &second, "written by C"]),
+    );
+    assert_eq!(read_line(&c), hex16(""), "{c}");
+    let c2 = client(&uri(&dir, &format!(":id={OTHER}")), 1 << 20, "", false);
+    assert_eq!(read_line(&c2), hex16("written by C"), "{c2}");
+    server
+        .proc
+        .wait_stderr("client reconnected to its disk", Duration::from_secs(10));
+    let log = server.proc.stderr();
+    assert_eq!(
+        log.matches("client reconnected to its disk").count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("no connection to watch"), "{log}");
+}
+
 #[test]
 fn the_grace_running_out_ends_the_disk_for_good() {
     require(&["python3-nbd", "mkfs.ext4"]);
