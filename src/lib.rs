@@ -40,4 +40,4 @@ pub(crate) mod sys;
 pub mod tls;
 
 /// Process-wide setup before anything else runs (see `sys`).
-pub use sys::{ignore_sigxfsz, set_not_dumpable};
+pub use sys::{set_not_dumpable, set_signal_dispositions};

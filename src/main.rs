@@ -12,7 +12,7 @@ use tmpdisk::cli::{Args, Config, Mode};
 use tmpdisk::listener::ListenerError;
 use tmpdisk::tls::TlsError;
 use tmpdisk::{
-    agent, crash, ignore_sigxfsz, image, listener, logging, session, set_not_dumpable, tls,
+    agent, crash, image, listener, logging, session, set_not_dumpable, set_signal_dispositions, tls,
 };
 
 /// Why tmpdisk could not start (or its listener stopped), which decides
@@ -92,7 +92,7 @@ fn run() -> Result<ExitCode, StartError> {
     }
     logging::init(cfg.log_level);
     crash::install();
-    if let Err(e) = ignore_sigxfsz().and_then(|_| set_not_dumpable()) {
+    if let Err(e) = set_signal_dispositions().and_then(|_| set_not_dumpable()) {
         error!("process setup: {e}");
     }
     let listening = matches!(cfg.mode, Mode::Tcp(_) | Mode::Unix(_));

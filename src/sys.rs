@@ -518,14 +518,23 @@ unsafe fn close_from(first: RawFd) {
     }
 }
 
-/// Ignore SIGXFSZ: with a file size limit (systemd's LimitFSIZE=) below the
-/// disk size, ftruncate or a write past the limit then fails with EFBIG,
-/// which the client hears about, instead of killing the process silently.
-pub fn ignore_sigxfsz() -> io::Result<()> {
+/// The signal dispositions tmpdisk relies on, whatever it inherited:
+/// - SIGXFSZ ignored: with a file size limit (systemd's LimitFSIZE=)
+///   below the disk size, ftruncate or a write past the limit then fails
+///   with EFBIG, which the client hears about, instead of killing the
+///   process silently;
+/// - SIGCHLD at its default: a parent that ignored it (the setting
+///   survives exec) would have the kernel reap our children by itself, so
+///   that waiting for mkfs failed with ECHILD and the listener never saw a
+///   client's process end (its connection count only grew).
+pub fn set_signal_dispositions() -> io::Result<()> {
     use nix::sys::signal::{SigHandler, Signal, signal};
-    // SAFETY: SIG_IGN installs no handler code, so nothing can run in
-    // signal context.
-    unsafe { signal(Signal::SIGXFSZ, SigHandler::SigIgn) }?;
+    // SAFETY: SIG_IGN and SIG_DFL install no handler code, so nothing can
+    // run in signal context.
+    unsafe {
+        signal(Signal::SIGXFSZ, SigHandler::SigIgn)?;
+        signal(Signal::SIGCHLD, SigHandler::SigDfl)?;
+    }
     Ok(())
 }
 

@@ -265,3 +265,66 @@ h.shutdown()
     run_ok("python connect_command --stdio", c);
     check_fd_report(&report, &images, "--stdio");
 }
+
+/// A parent that ignored SIGCHLD passes that on through exec: the kernel
+/// would then reap tmpdisk's children by itself, so that waiting for mkfs
+/// failed (ECHILD) and the listener never saw a client's process end.
+/// With --max-connections 1, three clients one after another each get an
+/// ext4 disk only if mkfs was waited for and each process was reaped.
+#[test]
+fn an_ignored_sigchld_is_not_inherited() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("sigchld-ignored");
+    let images = dir.subdir("images");
+    let sock = dir.join("nbd.sock");
+    let mut c = tmpdisk_cmd(&[
+        "--unix",
+        sock.to_str().unwrap(),
+        "--tmpdir",
+        images.to_str().unwrap(),
+        "--max-connections",
+        "1",
+        "64M",
+    ]);
+    c.current_dir(dir.path());
+    // SAFETY: signal() with SIG_IGN is async-signal-safe and installs no
+    // handler code.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::signal(libc::SIGCHLD, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut server = Proc::spawn("tmpdisk --unix", c);
+    let end = std::time::Instant::now() + DEADLINE;
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            server.try_status().is_none() && std::time::Instant::now() < end,
+            "tmpdisk --unix did not start listening\n{}",
+            server.describe()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let script = r#"
+# One connection at a time: the next waits until the last client's
+# process is reaped (before the fix: never; already the probe
+# connection's was not).
+for i in range(3):
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1])
+    check(h.pread(2, 1024 + 56) == b"\x53\xef", "client %d: not an ext4 disk" % i)
+    h.shutdown()
+    del h
+    print("client", i, "ok", flush=True)
+"#;
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let out = run_within("three clients in turn", python(script, &[uri]), DEADLINE);
+    assert!(
+        out.status.success() && out.stdout.contains("client 2 ok"),
+        "{out}\n{}",
+        server.describe()
+    );
+    drop(server);
+}
