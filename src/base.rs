@@ -289,7 +289,7 @@ impl Base {
     /// Copy the base's data into `image`, leaving its holes holes: the
     /// fallback for a `--command` where no clone is possible (the command
     /// needs the client's copy as one file). copy_file_range stays inside
-    /// the kernel.
+    /// the kernel where it can (not from a block device).
     pub fn copy_into(&self, image: &Image) -> io::Result<u64> {
         let mut copied = 0;
         self.each_data_run(|offset, length| {
@@ -302,8 +302,11 @@ impl Base {
 }
 
 /// copy_file_range(2) of `[offset, offset+length)` from `src` to the same
-/// place in `dst`, until all of it is there.
+/// place in `dst`, until all of it is there. Where the kernel cannot (a
+/// block device: copy_file_range takes regular files only; a kernel
+/// before 5.19 between two kinds of filesystem), through memory instead.
 fn copy_range(src: &File, dst: &Image, offset: u64, length: u64) -> io::Result<()> {
+    use nix::errno::Errno;
     let to_off =
         |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let (mut from, mut to) = (to_off(offset)?, to_off(offset)?);
@@ -313,9 +316,58 @@ fn copy_range(src: &File, dst: &Image, offset: u64, length: u64) -> io::Result<(
         match nix::fcntl::copy_file_range(src, Some(&mut from), dst, Some(&mut to), want) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => left -= n as u64,
-            Err(nix::errno::Errno::EINTR) => {}
+            Err(Errno::EINTR) => {}
+            Err(Errno::EINVAL | Errno::EXDEV | Errno::EOPNOTSUPP | Errno::ENOSYS)
+                if left == length =>
+            {
+                return copy_through_memory(src, dst, offset, length);
+            }
             Err(e) => return Err(e.into()),
         }
+    }
+    Ok(())
+}
+
+/// Bytes read at a time by [`copy_through_memory`].
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Copy `[offset, offset+length)` from `src` into the same place in `dst`
+/// by reading and writing, leaving out every block of zeroes: `dst` is a
+/// fresh sparse image, so they stay holes there (a block device has no
+/// holes to skip by asking).
+fn copy_through_memory(src: &File, dst: &Image, offset: u64, length: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 4096;
+    let out = dst.shared_file();
+    let mut buf = vec![0u8; COPY_CHUNK.min(usize::try_from(length).unwrap_or(COPY_CHUNK))];
+    let mut done = 0u64;
+    while done < length {
+        let want = buf
+            .len()
+            .min(usize::try_from(length - done).unwrap_or(buf.len()));
+        let n = match src.read_at(&mut buf[..want], offset + done) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // Runs of blocks that are not all zeroes, each written at once.
+        let mut run: Option<usize> = None;
+        for start in (0..n).step_by(BLOCK) {
+            let block = &buf[start..(start + BLOCK).min(n)];
+            match (block.iter().all(|&b| b == 0), run) {
+                (false, None) => run = Some(start),
+                (true, Some(from)) => {
+                    out.write_all_at(&buf[from..start], offset + done + from as u64)?;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(from) = run {
+            out.write_all_at(&buf[from..n], offset + done + from as u64)?;
+        }
+        done += n as u64;
     }
     Ok(())
 }

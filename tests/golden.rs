@@ -747,6 +747,67 @@ print("ok")
         .wait_stderr("copy=\"overlay\"", Duration::from_secs(10));
 }
 
+/// A command on a block device's copy: no clone and no copy_file_range
+/// from a device, so the copy is read and written, its blocks of zeroes
+/// left out. Each client gets a UUID of its own, the device never
+/// changes, and the copy takes what the image holds, not the device's
+/// size (the log's `allocated`). Before, every such client was refused:
+/// copy_file_range failed with EINVAL.
+#[test]
+fn a_command_on_a_block_device_image_s_copy() {
+    require_root("it makes a loop device");
+    require(&["tune2fs", "blkid", "nbdcopy"]);
+    let dir = TestDir::new("golden-device-command");
+    let base = image(&dir, "base.img", "ext4", "64M");
+    let original = blkid_tag(&base, "UUID");
+    let before = sha256(&base);
+    let dev = LoopDevice::read_only(&base);
+    let mut server = Server::unix(
+        &dir,
+        &[
+            "--base",
+            dev.path(),
+            "--command",
+            r#"tune2fs -U random "$disk""#,
+        ],
+    );
+    let mut uuids = Vec::new();
+    for i in 0..2 {
+        let out = dir.join(&format!("copy-{i}.img"));
+        copy_out(server.uri(), &out);
+        uuids.push(blkid_tag(&out, "UUID"));
+        // The zeroes left out read back as zeroes: the copy is whole.
+        run_ok("e2fsck", cmd("e2fsck", &["-fn", out.to_str().unwrap()]));
+        fs::remove_file(&out).unwrap();
+    }
+    assert!(
+        uuids[0] != uuids[1] && !uuids.contains(&original),
+        "each copy needs a UUID of its own: {uuids:?}, image {original}"
+    );
+    server
+        .proc
+        .wait_stderr("client left", Duration::from_secs(10));
+    let log = server.proc.stderr();
+    let served = served_lines(&log);
+    assert_eq!(served.len(), 2, "{log}");
+    for line in served {
+        assert!(line.contains("copy=\"copy\""), "{line}");
+        let allocated: u64 = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("allocated="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no allocated= in {line}"));
+        assert!(
+            allocated < 16 << 20,
+            "a copy of a 64 MiB device holding a fresh ext4 took {allocated} bytes: {line}"
+        );
+    }
+    drop(dev);
+    assert_eq!(sha256(&base), before, "the image changed");
+    wait_no_image_holders(server.images(), "after the clients left");
+    assert_dir_empty(server.images(), "after the clients left");
+}
+
 /// A read-only loop device for a file, detached on drop.
 struct LoopDevice(String);
 
