@@ -152,7 +152,7 @@ pub fn prepare_child(
                 libc::_exit(1);
             }
             contain(server)?;
-            close_from(target + 1);
+            close_fds(target + 1, None, Closing::AtExec);
             // The command dies with whoever is its parent now.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
                 return Err(io::Error::last_os_error());
@@ -452,68 +452,78 @@ pub fn kill_children(keep: &dyn Fn(Pid) -> bool) -> usize {
     killed
 }
 
-/// Close every fd but `a` and `b` (-1 for none). Between fork and exec.
+/// Close every fd but `a` and `b` (-1 for none), now. For the stand-in
+/// and init, which go on without exec: among what they close is std's
+/// exec-status pipe, which `Command::spawn` reads until every copy of
+/// it is closed.
 ///
 /// # Safety
-/// As [`close_from`].
+/// As [`close_fds`].
 unsafe fn close_all_but(a: RawFd, b: RawFd) {
     let (lo, hi) = (a.min(b), a.max(b));
-    // SAFETY: close_range on integers; what it closes is not used again.
+    // SAFETY: as this function's contract.
     unsafe {
         let mut from = 0;
         for keep in [lo, hi] {
             if keep >= from {
                 if keep > from {
-                    libc::syscall(
-                        libc::SYS_close_range,
-                        from as libc::c_uint,
-                        (keep - 1) as libc::c_uint,
-                        0,
-                    );
+                    close_fds(from, Some(keep - 1), Closing::Now);
                 }
                 from = keep + 1;
             }
         }
-        libc::syscall(
-            libc::SYS_close_range,
-            from as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        );
+        close_fds(from, None, Closing::Now);
     }
 }
 
-/// Close every fd from `first` up. Only async-signal-safe calls: it runs
-/// between fork and exec.
+/// When [`close_fds`] closes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    Now,
+    /// At exec (FD_CLOEXEC): for the process about to exec, whose
+    /// exec-status pipe (std's, close-on-exec) must stay open to report
+    /// an exec that fails.
+    AtExec,
+}
+
+/// Close the fds from `first` to `last` (None: all above `first`), now or
+/// at exec. Only async-signal-safe calls: it runs between fork and exec.
 ///
 /// # Safety
-/// Must only run in a freshly forked child about to exec, where no Rust
-/// object owns the fds being closed.
-unsafe fn close_from(first: RawFd) {
-    // SAFETY: close_range takes integers only; closing fds is what the
-    // caller wants, and no Rust object in this child will use them again.
+/// Must only run in a freshly forked child, where no Rust object owns the
+/// fds closed now.
+unsafe fn close_fds(first: RawFd, last: Option<RawFd>, how: Closing) {
+    /// CLOSE_RANGE_CLOEXEC (Linux 5.11), from linux/close_range.h.
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    let flags = match how {
+        Closing::Now => 0,
+        Closing::AtExec => CLOSE_RANGE_CLOEXEC,
+    };
+    let upto = last.map_or(libc::c_uint::MAX, |l| l as libc::c_uint);
+    // SAFETY: close_range, getrlimit, close and fcntl take integers and a
+    // pointer to a stack value; closing fds is what the caller wants.
     unsafe {
-        if libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        ) == 0
-        {
+        if libc::syscall(libc::SYS_close_range, first as libc::c_uint, upto, flags) == 0 {
             return;
         }
-        // Kernels before 5.9: close them one by one, up to the fd limit.
+        // close_range refused (a kernel before 5.9, or 5.11 for the flag; a
+        // seccomp policy that does not know it): one by one, up to the fd
+        // limit.
         let mut lim = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+        let limit = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
             lim.rlim_cur.min(65536) as RawFd
         } else {
             4096
         };
-        for fd in first..max {
-            libc::close(fd);
+        let end = last.map_or(limit, |l| l.saturating_add(1).min(limit));
+        for fd in first..end {
+            match how {
+                Closing::Now => libc::close(fd),
+                Closing::AtExec => libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC),
+            };
         }
     }
 }

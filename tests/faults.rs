@@ -526,6 +526,63 @@ fn command_exit_status_and_signal_reach_the_client() {
     assert_dir_empty(&images, "after failed commands");
 }
 
+/// Where close_range is refused (a kernel before 5.9; a seccomp policy
+/// that does not know it: here a filter tmpdisk inherits makes it fail
+/// with ENOSYS), the fds are closed one by one instead. Before, the
+/// stand-in then kept std's exec-status pipe open, so spawning the command
+/// waited for the command itself: no setup timeout, no client watch, no
+/// stop signal until it ended. The command also checks that an fd tmpdisk
+/// inherited without close-on-exec (9) did not reach it.
+#[test]
+fn without_close_range_the_setup_timeout_still_holds() {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+    use std::os::unix::process::CommandExt;
+    let dir = TestDir::new("no-close-range");
+    let images = dir.subdir("images");
+    let mut c = tmpdisk_cmd(&[
+        "--stdio",
+        "--tmpdir",
+        images.to_str().unwrap(),
+        "--setup-timeout",
+        "2",
+        "--command",
+        r#"if [ -e /proc/self/fd/9 ]; then echo "fd 9 reached the command" >&2; exit 3; fi; sleep 20"#,
+        "64M",
+    ]);
+    let filter: BpfProgram = SeccompFilter::new(
+        [(libc::SYS_close_range, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .and_then(TryInto::try_into)
+    .unwrap();
+    let stray = std::fs::File::open("/dev/null").unwrap();
+    let stray_fd = stray.as_raw_fd();
+    // SAFETY: dup2 and the prctl/seccomp calls of apply_filter are
+    // async-signal-safe; the filter was built before the fork.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(stray_fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            seccompiler::apply_filter(&filter).map_err(std::io::Error::other)
+        });
+    }
+    let started = Instant::now();
+    let msg = stdio_go_fails(c, "a command that sleeps past --setup-timeout");
+    let took = started.elapsed();
+    assert!(
+        msg.contains("did not finish within 2 s"),
+        "the client must hear about the setup timeout: {msg:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "--setup-timeout 2 took {took:?} without close_range"
+    );
+    assert_dir_empty(&images, "after the setup timeout");
+}
+
 #[test]
 fn hanging_command_is_killed_with_its_whole_process_group() {
     let dir = TestDir::new("command-hangs");

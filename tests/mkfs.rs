@@ -328,3 +328,49 @@ for i in range(3):
     );
     drop(server);
 }
+
+/// An mkfs that cannot be executed although it looks executable (here: a
+/// script whose interpreter does not exist, so execve fails with ENOENT)
+/// is reported with the reason, to the client and in the log. Before, the
+/// child closed std's exec-status pipe before exec, and std aborted the
+/// child when it could not write the error there: "killed by signal 6".
+#[test]
+fn an_mkfs_that_cannot_be_executed_is_named_with_the_reason() {
+    require(&["python3-nbd"]);
+    let dir = TestDir::new("mkfs-noexec");
+    let bin = dir.subdir("bin");
+    let path = bin.join("mkfs.broken");
+    fs::write(&path, "#!/nonexistent/interpreter\n").unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut c = std::process::Command::new(PYTHON);
+    let script = r#"
+import nbd, sys
+h = nbd.NBD()
+try:
+    h.connect_command(sys.argv[1:])
+    print("connected")
+except nbd.Error as e:
+    print("refused:", e)
+"#;
+    c.arg("-c").arg(script).args([
+        TMPDISK,
+        "--stdio",
+        "--tmpdir",
+        dir.subdir("images").to_str().unwrap(),
+        "--type",
+        "broken",
+        "64M",
+    ]);
+    c.env("PATH", path_with(&bin));
+    let out = run_ok("python connect_command --stdio", c);
+    // tmpdisk's log is the python client's stderr (libnbd does not show
+    // the server's option error text).
+    assert!(
+        out.stdout.contains("refused:")
+            && out
+                .stderr
+                .contains("cannot run mkfs.broken: No such file or directory"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("signal"), "{out}");
+}
