@@ -306,6 +306,10 @@ impl Drop for Holder {
     }
 }
 
+/// How long the holder's thread waits after an accept that failed for
+/// want of a resource.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// The holder's thread: accept connections until one proves the key,
 /// then shut the client's connection down and hand the taker to the
 /// serving thread.
@@ -315,7 +319,21 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
             Ok(s) => s,
             // The holder shut the socket down: it is done.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => return,
-            Err(_) => continue,
+            // A connection that went before it was accepted: the next.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                continue;
+            }
+            // Out of fds or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM): the
+            // same error again at once, so pause rather than spin a core.
+            Err(_) => {
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
+            }
         };
         let mut req = [0u8; REQUEST_LEN];
         let proved = s.set_read_timeout(Some(REQUEST_TIMEOUT)).is_ok()
