@@ -486,7 +486,7 @@ struct FileDef {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ExportDef {
-    description: Option<String>,
+    description: Option<Spanned<String>>,
     size: Option<Spanned<Size>>,
     #[serde(rename = "type")]
     fs_type: Option<Spanned<String>>,
@@ -633,7 +633,13 @@ impl ExportDef {
             types,
             labels: self.labels,
         };
-        let description = self.description.unwrap_or_else(|| describe(&disk, &choice));
+        let description = match self.description {
+            Some(d) => {
+                check_description(d.get_ref()).map_err(|e| at(d.span(), e))?;
+                d.into_inner()
+            }
+            None => describe(&disk, &choice),
+        };
         Ok(Export {
             name: name.to_string(),
             description,
@@ -641,6 +647,23 @@ impl ExportDef {
             choice,
         })
     }
+}
+
+/// A description goes to clients as an NBD string (NBD_OPT_LIST,
+/// NBD_INFO_DESCRIPTION): UTF-8, which TOML guarantees, with no NUL, at
+/// most 4096 bytes.
+fn check_description(d: &str) -> Result<(), String> {
+    if d.contains('\0') {
+        return Err("the description contains a NUL character".into());
+    }
+    if d.len() > crate::nbd::wire::MAX_STRING {
+        return Err(format!(
+            "the description is {} bytes: NBD allows at most {}",
+            d.len(),
+            crate::nbd::wire::MAX_STRING
+        ));
+    }
+    Ok(())
 }
 
 /// A description made from the disk and what a client may choose: "8 GiB
@@ -919,6 +942,19 @@ type = "none"
                 "[export.a]\nsize = \"1G\"\nbase = \"/nonexistent/base.img\"\n",
                 3,
                 "/nonexistent/base.img",
+            ),
+            (
+                "[export.a]\nsize = \"1G\"\ndescription = \"a\\u0000b\"\n",
+                3,
+                "contains a NUL",
+            ),
+            (
+                &format!(
+                    "[export.a]\nsize = \"1G\"\ndescription = \"{}\"\n",
+                    "é".repeat(2049)
+                ),
+                3,
+                "4098 bytes: NBD allows at most 4096",
             ),
         ] {
             let e = f.load(text).expect_err(text);
