@@ -63,6 +63,8 @@ impl Channel for Copying {}
 struct MemDisk {
     bytes: RefCell<Vec<u8>>,
     data: RefCell<Vec<bool>>,
+    /// Reads of anything from here on fail with EIO (a bad disk).
+    bad_from: Option<u64>,
 }
 
 const BLOCK: u64 = 4096;
@@ -72,6 +74,7 @@ impl MemDisk {
         MemDisk {
             bytes: RefCell::new(vec![0; size as usize]),
             data: RefCell::new(vec![false; size.div_ceil(BLOCK) as usize]),
+            bad_from: None,
         }
     }
 
@@ -102,6 +105,9 @@ impl Storage for MemDisk {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let r = self.range(offset, buf.len() as u64)?;
+        if self.bad_from.is_some_and(|b| r.end as u64 > b) {
+            return Err(io::Error::other("bad block"));
+        }
         buf.copy_from_slice(&self.bytes.borrow()[r]);
         Ok(())
     }
@@ -168,7 +174,11 @@ impl Storage for MemDisk {
 enum Backend {
     Image,
     Memory,
+    /// In memory, reads failing from [`BAD_FROM`] on.
+    BadMemory,
 }
+
+const BAD_FROM: u64 = 3 << 20;
 
 const BACKENDS: [Backend; 2] = [Backend::Image, Backend::Memory];
 
@@ -205,6 +215,10 @@ impl Exports for TestExports {
             self.disk = Some(match self.backend {
                 Backend::Image => Box::new(Image::create(&std::env::temp_dir(), SIZE).unwrap().0),
                 Backend::Memory => Box::new(MemDisk::new(SIZE)),
+                Backend::BadMemory => Box::new(MemDisk {
+                    bad_from: Some(BAD_FROM),
+                    ..MemDisk::new(SIZE)
+                }),
             });
         }
         Ok(SIZE)
@@ -987,6 +1001,68 @@ fn structured_reads_send_holes_as_holes() {
         c.request(0, CMD_DISC, 1, 0, 0, &[]);
         srv.join();
     }
+}
+
+/// DF reads: one data chunk. DONE goes on it only when no error can come
+/// after its header (one piece); a longer chunk is followed by a NONE
+/// chunk, and a piece that fails inside it is padded with zeroes and
+/// reported in an error chunk with its offset, after which the session
+/// goes on (before, the server hung up).
+#[test]
+fn df_reads_end_with_done_only_when_no_error_can_follow() {
+    const M: u64 = 1 << 20;
+    let (srv, mut c) = Server::on(Backend::BadMemory, false);
+    c.negotiate_structured(true);
+    c.request(0, CMD_WRITE, 1, 2 * M, 4096, &[0xaa; 4096]);
+    assert_eq!(c.status(), 0);
+    // One piece: one data chunk, final.
+    c.request(CMD_FLAG_DF, CMD_READ, 2, 0, 65536, &[]);
+    let ch = c.chunks();
+    assert_eq!(ch.len(), 1);
+    assert_eq!(
+        (ch[0].kind, ch[0].flags),
+        (REPLY_TYPE_OFFSET_DATA, REPLY_FLAG_DONE)
+    );
+    // Four pieces: the data chunk, then NONE with DONE.
+    c.request(CMD_FLAG_DF, CMD_READ, 3, 2 * M - M / 2, M as u32, &[]);
+    let ch = c.chunks();
+    let kinds: Vec<_> = ch.iter().map(|x| (x.kind, x.flags)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (REPLY_TYPE_OFFSET_DATA, 0),
+            (REPLY_TYPE_NONE, REPLY_FLAG_DONE)
+        ]
+    );
+    assert_eq!(ch[0].payload.len(), 8 + M as usize);
+    assert_eq!(
+        &ch[0].payload[8 + (M / 2) as usize..][..4096],
+        &[0xaa; 4096]
+    );
+    // Failing in its third piece: padded, then the error at that offset.
+    c.request(CMD_FLAG_DF, CMD_READ, 4, BAD_FROM - M / 2, M as u32, &[]);
+    let ch = c.chunks();
+    assert_eq!(ch.len(), 2);
+    assert_eq!((ch[0].kind, ch[0].flags), (REPLY_TYPE_OFFSET_DATA, 0));
+    assert_eq!(ch[0].payload.len(), 8 + M as usize);
+    assert!(
+        ch[0].payload[8 + (M / 2) as usize..]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert_eq!(
+        (ch[1].kind, ch[1].flags),
+        (REPLY_TYPE_ERROR_OFFSET, REPLY_FLAG_DONE)
+    );
+    assert_eq!(be32(&ch[1].payload), EIO);
+    let at = ch[1].payload.len() - 8;
+    assert_eq!(be64(&ch[1].payload[at..]), BAD_FROM);
+    // The session goes on.
+    c.request(0, CMD_READ, 5, 2 * M, 4096, &[]);
+    let ch = c.chunks();
+    assert_eq!(&ch[0].payload[8..], &[0xaa; 4096]);
+    c.request(0, CMD_DISC, 1, 0, 0, &[]);
+    assert!(matches!(srv.join().0, Ended::Served(_)));
 }
 
 #[test]

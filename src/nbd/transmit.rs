@@ -235,10 +235,13 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
     /// one chunk sent from the disk inside the kernel, or read through the
     /// payload buffer in pieces of at most [`PIECE`] bytes. Each piece is
     /// a chunk of its own, so that a piece that cannot be read is reported
-    /// with an error chunk; with DF (`one_chunk`) the data is one chunk
-    /// whose header goes out with the first piece, and a later piece that
-    /// fails can only end the session. `last`: the final chunk carries the
-    /// DONE flag. Ok(false) when the read failed and an error chunk ended
+    /// with an error chunk. With DF (`one_chunk`) the data is one chunk
+    /// whose header goes out with the first piece; when a later piece
+    /// fails, the chunk is finished with zeroes and an error chunk with
+    /// the failed offset follows, as the spec asks. `last`: the reply ends
+    /// here, with DONE on the final chunk; a DF chunk of more than one
+    /// piece is not final (an error may still come), so a NONE chunk
+    /// carries it. Ok(false) when the read failed and an error chunk ended
     /// the reply.
     fn read_chunks(
         &mut self,
@@ -275,9 +278,8 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             payload[..8].copy_from_slice(&at.to_be_bytes());
             if let Err(e) = self.disk.read_at(&mut payload[8..], at) {
                 if one_chunk && done > 0 {
-                    return Err(Hangup::Server(format!(
-                        "the disk failed a read after its reply chunk began: {e}"
-                    )));
+                    // The chunk's header is out: finish it with zeroes.
+                    self.pad_chunk(len - done)?;
                 }
                 self.reply_error_at(req, &ReplyError::from_io("read", &e, req), at)?;
                 return Ok(false);
@@ -287,7 +289,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
                 // are read (the offset goes out once, in front).
                 let h = match done {
                     0 => self.chunk_header(
-                        done_if(last),
+                        done_if(last && n == len),
                         REPLY_TYPE_OFFSET_DATA,
                         req,
                         8 + len as u64,
@@ -302,7 +304,23 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             }
             done += n;
         }
+        if one_chunk && last && len > PIECE {
+            let h = self.chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
+            self.s.queue(&[h.bytes()])?;
+        }
         Ok(true)
+    }
+
+    /// The rest of a data chunk whose header is out, `left` bytes, as
+    /// zeroes (the spec's padding after an error inside a chunk).
+    fn pad_chunk(&mut self, mut left: usize) -> Result<(), Hangup> {
+        while left > 0 {
+            let n = left.min(PIECE);
+            self.s.payload(0, n).fill(0);
+            self.s.send_payload(&[], 0, n, false)?;
+            left -= n;
+        }
+        Ok(())
     }
 
     fn block_status(&mut self, req: &Request, req_one: bool) -> Result<(), Hangup> {
