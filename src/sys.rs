@@ -867,8 +867,14 @@ pub fn dirty_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
-/// The most descriptors [`recv_with_files`] accepts in one message.
-pub const MAX_PASSED_FILES: usize = 4;
+/// Room for the most descriptors one SCM_RIGHTS message can carry (the
+/// kernel's SCM_MAX_FD). A message with more than its control buffer
+/// holds is truncated (MSG_CTRUNC): the kernel installs the descriptors
+/// that fit, and nix then refuses to list them, so they would stay open
+/// with no owner. With room for a whole message, a sender that passes
+/// more than it should has them all received, owned and closed by the
+/// caller that finds the wrong files.
+const MAX_PASSED_FILES: usize = 253;
 
 /// Receive up to `buf.len()` bytes from the Unix socket `sock` and the
 /// descriptors that came with them (`SCM_RIGHTS`, close-on-exec). Returns
