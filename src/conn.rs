@@ -79,8 +79,17 @@ impl Conn {
 
     /// Bound the total time the peer may make us wait from now on (`None`:
     /// wait forever).
-    pub fn set_wait_budget(&mut self, budget: Option<Duration>) {
+    ///
+    /// With a bound, the write side becomes non-blocking: poll(2) saying
+    /// there is room promises only some room, and a blocking write of more
+    /// (a batch of option replies, TLS's first flight) would then wait for
+    /// a client that never reads, however long, outside the budget.
+    pub fn set_wait_budget(&mut self, budget: Option<Duration>) -> io::Result<()> {
         self.budget = budget;
+        if budget.is_some() {
+            set_nonblocking(self.write_fd())?;
+        }
+        Ok(())
     }
 
     /// Enter the transmission phase: a client that leaves the data we send
@@ -175,6 +184,8 @@ impl Conn {
                 }
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) if self.serving => self.wait_for_room()?,
+                // Negotiating with a budget (see set_wait_budget).
+                Err(Errno::EAGAIN) if self.budget.is_some() => self.wait(true)?,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -192,6 +203,9 @@ impl Conn {
                 Err(Errno::EAGAIN) if self.serving => {
                     sys::poll_one(self.read_fd(), PollFlags::POLLIN, None)?;
                 }
+                // A socket's read side shares the write side's
+                // non-blocking flag while negotiating.
+                Err(Errno::EAGAIN) if self.budget.is_some() => self.wait(false)?,
                 r => return r.map_err(io::Error::from),
             }
         }

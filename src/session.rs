@@ -70,7 +70,11 @@ enum SessionEnd {
 /// the loaded TLS configuration when TLS is on.
 pub fn serve(mut conn: Conn, peer: String, cfg: &Config, tls: Option<&Arc<ServerConfig>>) -> u8 {
     let started = Instant::now();
-    conn.set_wait_budget(cfg.handshake_timeout);
+    if let Err(e) = conn.set_wait_budget(cfg.handshake_timeout) {
+        error!(%peer, error = %e, "cannot set up the connection");
+        status::ready_before_exit("connection dropped");
+        return EXIT_FAILURE;
+    }
     // A balancer's connection: who the client is comes first.
     let peer = match proxied_peer(&mut conn, peer, cfg) {
         Ok(peer) => peer,

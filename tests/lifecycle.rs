@@ -5,7 +5,7 @@
 
 use crate::common::nbdraw::{self, GoReply};
 use crate::common::*;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -208,4 +208,64 @@ fn handshake_timeout_drops_a_silent_client() {
     );
     wait_children_reaped(server.pid(), 0, "after the handshake timeout");
     assert_dir_empty(server.images(), "after the handshake timeout");
+}
+
+/// A client that sends options and never reads their replies is dropped
+/// within the handshake timeout. Before, poll(2) saying the pipe had room
+/// (one free page is enough) was followed by a blocking write of a whole
+/// batch of replies (some 33 KB here: NBD_OPT_LIST with long
+/// descriptions), which waited for the client for ever, outside the
+/// budget. Over `--stdio` (ssh, inetd) any batch over a page does it.
+#[test]
+fn a_client_that_never_reads_option_replies_is_dropped_in_time() {
+    use std::process::Stdio;
+    let dir = TestDir::new("handshake-unread");
+    let mut exports = String::new();
+    for i in 0..8 {
+        exports += &format!(
+            "[export.e{i}]\nsize = \"64M\"\ndescription = \"{}\"\n",
+            "d".repeat(4000)
+        );
+    }
+    let file = dir.join("exports.toml");
+    std::fs::write(&file, exports).unwrap();
+    let images = dir.subdir("images");
+    let mut c = tmpdisk_cmd(&[
+        "--stdio",
+        "--tmpdir",
+        images.to_str().unwrap(),
+        "--handshake-timeout",
+        "2",
+        "--exports",
+        file.to_str().unwrap(),
+    ]);
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let mut greeting = [0u8; 18];
+    out.read_exact(&mut greeting).unwrap();
+    input.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    let start = Instant::now();
+    // 200 lists of 8 exports of 4000 bytes each: 6.4 MB of replies, far
+    // more than the 64 KiB pipe holds; none of it is read.
+    let mut all = Vec::new();
+    for _ in 0..200 {
+        nbdraw::send_option(&mut all, nbdraw::OPT_LIST, &[]).unwrap();
+    }
+    input.write_all(&all).unwrap();
+    let ended = wait_child(&mut child, Duration::from_secs(15));
+    let waited = start.elapsed();
+    if !ended {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        ended && waited < Duration::from_secs(10),
+        "still negotiating after {waited:?} with --handshake-timeout 2"
+    );
+    drop((out, input));
+    assert_dir_empty(&images, "after the handshake timeout");
 }

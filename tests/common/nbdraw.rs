@@ -10,6 +10,7 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 pub const OPT_GO: u32 = 7;
+pub const OPT_LIST: u32 = 3;
 pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
@@ -57,7 +58,8 @@ pub fn handshake<S: Read + Write>(s: &mut S) -> io::Result<u16> {
     Ok(flags)
 }
 
-fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> io::Result<()> {
+/// Sends one option and reads nothing.
+pub fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> io::Result<()> {
     let mut msg = Vec::with_capacity(16 + data.len());
     msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
     msg.extend_from_slice(&option.to_be_bytes());
