@@ -745,7 +745,11 @@ impl Exports for Disk<'_> {
         if let (State::Empty, Some((key, settings))) = (&self.state, &token) {
             status::committed();
             let (key, settings) = (key.clone(), *settings);
-            self.take_over(&key, settings, &spec)?;
+            if self.take_over(&key, settings, &spec)? {
+                // Ready as much as a disk just built: a Type=notify instance
+                // that never says so is stopped at TimeoutStartSec.
+                status::ready(&format!("ready: {} (reconnected)", self.description()));
+            }
         }
         if let State::Empty = self.state {
             status::committed();

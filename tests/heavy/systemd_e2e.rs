@@ -1002,6 +1002,19 @@ fn check_reconnect(ct: &Container, uri: &str) {
     // B's client wrote its own marker over A's on connecting; A's data is
     // checked by the size and the filesystem being the same disk's.
     assert_eq!(b.uuid, a.uuid, "the same filesystem, not a fresh one");
+    // B's instance took the disk over and says it is ready, as one that
+    // built its disk does: a Type=notify instance that never sends READY=1
+    // stays "activating" and is stopped at TimeoutStartSec (15 min), disk
+    // and all. (Before, it stayed activating.)
+    let second = wait_until("B's instance running", Duration::from_secs(30), || {
+        ct.running_instances().into_iter().find(|u| *u != first)
+    });
+    let state = ct.show(&second, &["ActiveState", "StatusText"]);
+    assert_eq!(state["ActiveState"], "active", "{second}: {state:?}");
+    assert!(
+        state["StatusText"].starts_with("serving "),
+        "{second}: {state:?}"
+    );
     assert_eq!(b.request("bye"), "bye");
     b.wait_exit();
     wait_until("the reconnect record", Duration::from_secs(30), || {
