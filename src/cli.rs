@@ -32,7 +32,7 @@ pub const DEFAULT_PORT: u16 = 10809;
         (LISTEN_FDS): a connected one (Accept=yes) is served, a listening one gets the \
         standalone accept loop.",
     after_help = "Exit status: 0 the client was served (or left), 1 the disk could not be \
-        built or served, 2 usage error.",
+        built or served, 2 usage error, 70 a bug (a panic; the log says where).",
     group(ArgGroup::new("activation").args(["stdio", "listen", "unix"]).multiple(false))
 )]
 pub struct Args {

@@ -684,8 +684,13 @@ fn copy_base(base: &Base, image: &mut Image, spec: &DiskSpec) -> Result<Option<C
 
 /// (free, total) bytes of the filesystem holding `dir`.
 pub(crate) fn free_space(dir: &std::path::Path) -> Result<(u64, u64), String> {
-    let st = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| format!("cannot check free space in {}: {e}", dir.display()))?;
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+        format!(
+            "cannot check free space in {}: {}",
+            dir.display(),
+            std::io::Error::from(e)
+        )
+    })?;
     let frsize = st.fragment_size() as u64;
     Ok((
         (st.blocks_available() as u64).saturating_mul(frsize),
