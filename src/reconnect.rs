@@ -285,6 +285,10 @@ impl Holder {
             .listener
             .as_ref()
             .ok_or_else(|| io::Error::other("no listening socket"))?;
+        // A taker that proved the key and then stops reading must not keep
+        // this process (and the disk) past the grace period: each send
+        // waits at most this long.
+        taker.set_write_timeout(Some(ANSWER_TIMEOUT))?;
         let mut all = files.to_vec();
         all.push(listener.as_fd());
         let head = handover::encode_offer(offer);
