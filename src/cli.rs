@@ -41,8 +41,16 @@ pub struct Args {
     pub size_arg: Option<u64>,
 
     /// Same as the SIZE argument
-    #[arg(long = "size", value_name = "SIZE", value_parser = parse_size, conflicts_with = "size_arg")]
+    #[arg(long = "size", value_name = "SIZE", value_parser = parse_size)]
     pub size_opt: Option<u64>,
+
+    /// Whether `size_arg` came from TMPDISK_SIZE rather than the command
+    /// line (set by [`Args::parse_command_line`]): the command line wins
+    /// over the environment, but SIZE and --size both on it conflict.
+    /// clap's own conflict counted the environment's value too, so a
+    /// `--size` failed under the unit, which sets TMPDISK_SIZE.
+    #[arg(skip)]
+    pub size_arg_from_env: bool,
 
     /// Filesystem to create: runs mkfs.TYPE (ext4, xfs, vfat, btrfs, ntfs, ...), or
     /// swap (mkswap), or none (a blank disk) [default: ext4]
@@ -202,6 +210,19 @@ pub struct Args {
     /// still take; never serves a disk
     #[arg(long, conflicts_with = "stdio")]
     pub agent: bool,
+}
+
+impl Args {
+    /// Parse this process's command line and environment, noting where
+    /// SIZE came from (see `size_arg_from_env`).
+    pub fn parse_command_line() -> Result<Args, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
+        let mut cmd = Args::command();
+        let m = cmd.try_get_matches_from_mut(std::env::args_os())?;
+        let mut a = Args::from_arg_matches(&m).map_err(|e| e.format(&mut cmd))?;
+        a.size_arg_from_env = m.value_source("size_arg") == Some(ValueSource::EnvVariable);
+        Ok(a)
+    }
 }
 
 /// How this process meets its clients.
@@ -410,7 +431,14 @@ impl Config {
             || a.label.is_some()
             || !mkfs_options.is_empty()
             || a.command.is_some();
-        let size = match (a.size_arg.or(a.size_opt), &base) {
+        let size = match (a.size_opt, a.size_arg, a.size_arg_from_env) {
+            (Some(_), Some(_), false) => {
+                return Err("give the disk's size once: as SIZE or as --size, not both".into());
+            }
+            (Some(size), _, _) => Some(size),
+            (None, size, _) => size,
+        };
+        let size = match (size, &base) {
             (Some(size), Some(b)) if size < b.size() => {
                 return Err(format!(
                     "SIZE {} is smaller than the base image {} ({}): a copy cannot shrink it",

@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tracing::error;
 
 use tmpdisk::activation::{self, Activation, ActivationError};
@@ -69,7 +68,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<ExitCode, StartError> {
-    let args = match Args::try_parse() {
+    let args = match Args::parse_command_line() {
         Ok(a) => a,
         Err(e) if e.use_stderr() => {
             // One line, as for every other start-up error; clap's own

@@ -294,6 +294,7 @@ fn invalid_values_give_one_line_and_nonzero_exit() {
             &["1G"],
             &[("TMPDISK_REPLY_TIMEOUT", "18446744073709551615")],
         ),
+        ("SIZE and --size both", &["--size", "2G", "3G"], &[]),
     ];
     let mut failures = Vec::new();
     for (what, args, env) in cases {

@@ -139,6 +139,10 @@ fn size_forms_and_environment() {
         (&["10GiB"], &[], 10 * GIB),
         (&["--size", "64M"], &[], 64 * MIB),
         (&[], &[("TMPDISK_SIZE", "3M")], 3 * MIB),
+        // The command line wins over the environment (the unit sets
+        // TMPDISK_SIZE): before, --size conflicted with it.
+        (&["--size", "64M"], &[("TMPDISK_SIZE", "3M")], 64 * MIB),
+        (&["5M"], &[("TMPDISK_SIZE", "3M")], 5 * MIB),
     ];
     let mut py_cases = String::from("[");
     for (args, env, want) in cases {
