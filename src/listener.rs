@@ -122,7 +122,8 @@ pub fn run(
         .handshake_timeout
         .map_or(PRESSURE_GRACE, |t| t.min(PRESSURE_GRACE));
     let mut children: HashMap<Pid, Child> = HashMap::new();
-    let mut refusals = Refusals::default();
+    let mut refusals = Throttle::default();
+    let mut accept_errors = Throttle::default();
     // Every slot taken and a connection waiting for one.
     let mut pressure = false;
     let stop = loop {
@@ -186,7 +187,7 @@ pub fn run(
             pressure = true;
             continue;
         }
-        let Some((fd, source)) = accept(&listener) else {
+        let Some((fd, source)) = accept(&listener, &mut accept_errors) else {
             continue;
         };
         let peer = peer_name(&fd, false);
@@ -195,7 +196,14 @@ pub fn run(
         if let Some(limit) = limits.per_source.filter(|_| !balancer) {
             let from_source = children.values().filter(|c| c.source == source).count();
             if from_source >= limit {
-                refusals.refused(&peer, limit);
+                if let Some(refused) = refusals.due() {
+                    warn!(
+                        peer = %Escaped(&peer),
+                        limit,
+                        refused,
+                        "refusing a connection: too many from one source"
+                    );
+                }
                 continue;
             }
         }
@@ -232,31 +240,27 @@ pub fn run(
     stop
 }
 
-/// Log refused connections without letting a flood of them flood the log:
-/// the first one, then at most one line a second with the count.
+/// Log a repeated event without letting a flood of it flood the log: the
+/// first one, then at most one line a second, with the count since the
+/// last line.
 #[derive(Default)]
-struct Refusals {
+struct Throttle {
     last: Option<Instant>,
     unlogged: u64,
 }
 
-impl Refusals {
-    fn refused(&mut self, peer: &str, limit: usize) {
+impl Throttle {
+    /// Count one event; `Some(count)` when a line is due.
+    fn due(&mut self) -> Option<u64> {
         self.unlogged += 1;
         if self
             .last
             .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
-            return;
+            return None;
         }
-        warn!(
-            peer = %Escaped(peer),
-            limit,
-            refused = self.unlogged,
-            "refusing a connection: too many from one source"
-        );
         self.last = Some(Instant::now());
-        self.unlogged = 0;
+        Some(std::mem::take(&mut self.unlogged))
     }
 }
 
@@ -305,7 +309,7 @@ fn set_nonblocking(l: &Listener) -> std::io::Result<()> {
 }
 
 /// Accept one connection as a blocking, close-on-exec fd, with its source.
-fn accept(l: &Listener) -> Option<(OwnedFd, Source)> {
+fn accept(l: &Listener, errors: &mut Throttle) -> Option<(OwnedFd, Source)> {
     let r = match l {
         Listener::Tcp(l) => l.accept().and_then(|(s, addr)| {
             s.set_nonblocking(false)?;
@@ -326,8 +330,11 @@ fn accept(l: &Listener) -> Option<(OwnedFd, Source)> {
         Ok(x) => Some(x),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
         Err(e) => {
-            // EMFILE, ECONNABORTED...: log, and do not spin on it.
-            warn!(error = %e, "accept failed");
+            // EMFILE, ECONNABORTED...: log (not a line per attempt), and
+            // do not spin on it.
+            if let Some(failures) = errors.due() {
+                warn!(error = %e, failures, "accept failed");
+            }
             std::thread::sleep(Duration::from_millis(10));
             None
         }

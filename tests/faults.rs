@@ -1812,6 +1812,39 @@ fn greeting_time(s: &mut std::net::TcpStream) -> (Duration, std::io::Result<u16>
     (t.elapsed(), r)
 }
 
+/// A listener that cannot accept (out of fds, a connection waiting) logs
+/// it at most once a second, with the count, and serves the connection
+/// once it can again. Before, it logged every attempt: a line every 10 ms.
+#[test]
+fn a_listener_out_of_fds_logs_once_a_second_and_recovers() {
+    require(&["nbdinfo", "mkfs.ext4"]);
+    let dir = TestDir::new("listener-emfile");
+    let mut server = Server::unix(&dir, &["64M"]);
+    let pid = server.pid();
+    // The probe connection's child must be gone, or it holds fds too.
+    wait_children_reaped(pid, 0, "after the probe connection");
+    set_soft_nofile(pid, lowest_free_fd(pid));
+    let waiting = UnixStream::connect(dir.join("nbd.sock")).unwrap();
+    server
+        .proc
+        .wait_stderr("accept failed", Duration::from_secs(10));
+    thread::sleep(Duration::from_secs(2));
+    let lines = server.proc.stderr().matches("accept failed").count();
+    assert!(
+        (1..=4).contains(&lines),
+        "{lines} 'accept failed' lines in about 2 s:\n{}",
+        server.proc.stderr()
+    );
+    assert!(
+        server.proc.stderr().contains("failures="),
+        "{}",
+        server.proc.stderr()
+    );
+    set_soft_nofile(pid, 1024);
+    drop(waiting);
+    nbdinfo_ok(&["--size", server.uri()]);
+}
+
 /// 200 idle connections from one address took every slot of a listener
 /// (a new client's greeting came after 89 s). Now one source gets at most
 /// --max-connections-per-source of them, and the rest are refused at once.

@@ -377,39 +377,7 @@ fn a_holder_out_of_fds_does_not_spin() {
     let holder = wait_image_holders(server.images(), 1, "the process keeping the disk")[0];
     let names = dir_entries(&meet);
     assert_eq!(names.len(), 1, "{names:?}");
-    // The soft limit only, under the hard one it has.
-    let set_nofile = |n: u64| {
-        let mut lim = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 reading into a stack value.
-        let r = unsafe {
-            libc::prlimit64(
-                holder as i32,
-                libc::RLIMIT_NOFILE,
-                std::ptr::null(),
-                &mut lim,
-            )
-        };
-        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
-        lim.rlim_cur = n.min(lim.rlim_max);
-        // SAFETY: prlimit64 with a stack value and no old-limit pointer.
-        let r = unsafe {
-            libc::prlimit64(
-                holder as i32,
-                libc::RLIMIT_NOFILE,
-                &lim,
-                std::ptr::null_mut(),
-            )
-        };
-        assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
-    };
-    // The lowest fd number free: a new fd needs one below the limit.
-    let fds = fds_of(holder);
-    assert!(!fds.is_empty(), "no fds seen in /proc/{holder}/fd");
-    let lowest_free = (0..).find(|n| !fds.contains_key(n)).unwrap();
-    set_nofile(u64::from(lowest_free));
+    set_soft_nofile(holder, lowest_free_fd(holder));
     // A connection waits in the backlog; every accept of it fails (EMFILE).
     let waiting = UnixStream::connect(meet.join(&names[0])).unwrap();
     thread::sleep(Duration::from_millis(300));
@@ -420,7 +388,7 @@ fn a_holder_out_of_fds_does_not_spin() {
         used < 20,
         "the holder used {used} ticks of CPU in 2 s while it could not accept"
     );
-    set_nofile(1024);
+    set_soft_nofile(holder, 1024);
     drop(waiting);
     let b = client(&uri(&dir, &name), 1 << 20, "", false);
     assert_eq!(read_line(&b), hex16("written by A"), "{b}");

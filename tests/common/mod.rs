@@ -1108,6 +1108,29 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(rest.split(' ').map(str::to_string).collect())
 }
 
+/// The lowest fd number `pid` has free: a new fd needs one below the
+/// soft RLIMIT_NOFILE, so a limit of this makes its next one fail (EMFILE).
+pub fn lowest_free_fd(pid: u32) -> u64 {
+    let fds = fds_of(pid);
+    assert!(!fds.is_empty(), "no fds seen in /proc/{pid}/fd");
+    (0..).find(|n| !fds.contains_key(n)).map(u64::from).unwrap()
+}
+
+/// Set `pid`'s soft RLIMIT_NOFILE to `n` (at most its hard limit).
+pub fn set_soft_nofile(pid: u32, n: u64) {
+    let mut lim = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit64 reading into a stack value.
+    let r = unsafe { libc::prlimit64(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+    assert_eq!(r, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
+    lim.rlim_cur = n.min(lim.rlim_max);
+    // SAFETY: prlimit64 with a stack value and no old-limit pointer.
+    let r = unsafe { libc::prlimit64(pid as i32, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
+}
+
 /// User + system CPU time of a process, in clock ticks (1/100 s).
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let f = stat_fields(pid)?;
