@@ -118,18 +118,21 @@ pub struct Handed {
 
 /// How long a taker waits for a holder's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a holder waits for a connection's request: a taker sends its
-/// 37 bytes as soon as it connects. Short, because one connection is
-/// read at a time: a local user who connects and says nothing (socket
-/// names are visible in /proc/net/unix) delays a real taker by this
-/// much per such connection.
+/// How long a holder waits for a connection's whole request: a taker
+/// sends its 37 bytes as soon as it connects. Short, because one
+/// connection is read at a time: a local user who connects and says
+/// nothing, or trickles a byte at a time (socket names are visible in
+/// /proc/net/unix), delays a real taker by this much per such
+/// connection.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Ask the holder of `key`, if any, for its disk. `size` is the export's:
 /// an overlay must be that size, which also bounds its block map.
 pub fn claim(settings: &Settings, key: &Key, size: u64) -> io::Result<Claim> {
     let path = settings.dir.join(key.file_name());
-    let mut s = match UnixStream::connect(&path) {
+    // Within the answer's time: a holder whose backlog is full (someone
+    // keeping it busy) would otherwise keep a blocking connect for ever.
+    let mut s = match crate::sys::connect_unix_within(&path, ANSWER_TIMEOUT) {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Claim::Nothing),
         // A name nobody listens on: its disk is gone.
@@ -340,8 +343,7 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
             }
         };
         let mut req = [0u8; REQUEST_LEN];
-        let proved = s.set_read_timeout(Some(REQUEST_TIMEOUT)).is_ok()
-            && s.read_exact(&mut req).is_ok()
+        let proved = read_exact_within(&mut s, &mut req, REQUEST_TIMEOUT).is_ok()
             && handover::decode_request(&req).is_ok_and(|k| same_key(&k, key.bytes()));
         if !proved {
             continue;
@@ -357,6 +359,27 @@ fn wait_for_taker(listener: UnixListener, key: Key, connection: OwnedFd, found: 
         // process the listening socket goes to.
         return;
     }
+}
+
+/// Fill `buf` from `s` within `limit` in all (a read timeout alone
+/// restarts with every byte that comes).
+fn read_exact_within(s: &mut UnixStream, buf: &mut [u8], limit: Duration) -> io::Result<()> {
+    let end = Instant::now() + limit;
+    let mut got = 0;
+    while got < buf.len() {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether anyone may list a shared directory.

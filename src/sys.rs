@@ -867,6 +867,40 @@ pub fn dirty_bytes(fd: BorrowedFd<'_>) -> io::Result<u64> {
     }
 }
 
+/// Connect to the Unix socket at `path`, trying for at most `limit`: a
+/// listener whose backlog is full refuses a non-blocking connect with
+/// EAGAIN (where a blocking one would wait until there is room, however
+/// long), so it is tried again every 20 ms. The stream returned blocks.
+pub fn connect_unix_within(
+    path: &std::path::Path,
+    limit: Duration,
+) -> io::Result<std::os::unix::net::UnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    let addr = UnixAddr::new(path)?;
+    let end = Instant::now() + limit;
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => {
+                let s = std::os::unix::net::UnixStream::from(fd);
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) if Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(Errno::EAGAIN) => return Err(io::ErrorKind::TimedOut.into()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Room for the most descriptors one SCM_RIGHTS message can carry (the
 /// kernel's SCM_MAX_FD). A message with more than its control buffer
 /// holds is truncated (MSG_CTRUNC): the kernel installs the descriptors

@@ -394,6 +394,52 @@ fn a_holder_out_of_fds_does_not_spin() {
     assert_eq!(read_line(&b), hex16("written by A"), "{b}");
 }
 
+/// A connection to the process keeping a disk that trickles its request
+/// a byte at a time is dropped a second after it connected, however
+/// often bytes come: the holder reads one connection at a time, so each
+/// such connection delays a real reconnect. Before, each byte restarted
+/// the 1 s read timeout. The client still gets its disk afterwards.
+#[test]
+fn a_trickling_connection_to_a_holder_is_dropped_in_time() {
+    require(&["python3-nbd", "mkfs.ext4"]);
+    let dir = TestDir::new("reconnect-trickle");
+    let (_server, meet) = server(&dir, "30", &["64M"]);
+    let name = format!(":id={TOKEN}");
+    let a = client(&uri(&dir, &name), 1 << 20, "written by A", true);
+    assert!(a.status.success(), "{a}");
+    let names = wait_until("the holder's name", Duration::from_secs(10), || {
+        let n = dir_entries(&meet);
+        (n.len() == 1).then_some(n)
+    });
+    let mut s = UnixStream::connect(meet.join(&names[0])).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(250)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut closed = None;
+    while start.elapsed() < Duration::from_secs(5) {
+        if std::io::Write::write_all(&mut s, b"x").is_err() {
+            closed = Some(start.elapsed());
+            break;
+        }
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut s, &mut b) {
+            Ok(0) => {
+                closed = Some(start.elapsed());
+                break;
+            }
+            Ok(_) => panic!("the holder answered a trickle"),
+            Err(_) => {} // nothing yet: the next byte
+        }
+    }
+    let closed = closed.expect("the holder kept a trickling connection 5 s");
+    assert!(
+        closed < Duration::from_millis(2500),
+        "the holder dropped a trickling connection after {closed:?}"
+    );
+    let b = client(&uri(&dir, &name), 1 << 20, "", false);
+    assert_eq!(read_line(&b), hex16("written by A"), "{b}");
+}
+
 #[test]
 fn the_grace_running_out_ends_the_disk_for_good() {
     require(&["python3-nbd", "mkfs.ext4"]);
