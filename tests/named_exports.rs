@@ -322,6 +322,12 @@ fn refusals_say_what_is_allowed_and_create_nothing() {
     assert_dir_empty(server.images(), "after refused names");
     // Client text reaches the log escaped, never as raw control bytes.
     let log = server.proc.stderr();
+    // An image is nameless from the start, so the empty tmpdir above
+    // cannot tell: no disk was built and served for a refused name.
+    assert!(
+        !log.contains("mkfs") && served_lines(&log).is_empty(),
+        "{log}"
+    );
     assert!(!log.contains('\x1b'), "{log}");
     assert!(log.contains("refused"), "{log}");
 }

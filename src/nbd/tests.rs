@@ -1105,6 +1105,9 @@ fn block_status_trim_and_zeroes() {
         assert_eq!(c.status(), 0);
         c.request(CMD_FLAG_FAST_ZERO, CMD_WRITE_ZEROES, 4, 0, 4096, &[]);
         assert_eq!(c.status(), 0);
+        // NO_HOLE over written data, so that zeroes prove it zeroed.
+        c.request(0, CMD_WRITE, 5, 8192, 4096, &[7u8; 4096]);
+        assert_eq!(c.status(), 0);
         c.request(CMD_FLAG_NO_HOLE, CMD_WRITE_ZEROES, 5, 8192, 4096, &[]);
         assert_eq!(c.status(), 0);
         c.request(CMD_FLAG_DF, CMD_READ, 6, 0, 16384, &[]);
