@@ -250,6 +250,20 @@ fn check_extents(
             prop_assert!(!x.data, "data past the end of the file: {}", &what);
         }
         let (a, b) = (x.offset.min(IMG), pos.min(IMG));
+        if x.data {
+            // And the other way: a whole block never written (or punched
+            // whole) is a hole, never reported as data, which would send
+            // its zeroes and hide the disk's sparseness.
+            for blk in a.div_ceil(BLOCK)..b / BLOCK {
+                prop_assert!(
+                    model.data[blk as usize],
+                    "block {} was never written but is inside data extent {}: {}",
+                    blk,
+                    i,
+                    &what
+                );
+            }
+        }
         if !x.data {
             prop_assert!(
                 model.bytes[a as usize..b as usize].iter().all(|&v| v == 0),
