@@ -268,6 +268,9 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
                 return Ok(true);
             }
         }
+        // A DF chunk read in one piece is read before its header goes
+        // out, so it may be final; a longer one is followed by NONE.
+        let df_final = last && len <= PIECE;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(PIECE);
@@ -289,7 +292,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
                 // are read (the offset goes out once, in front).
                 let h = match done {
                     0 => self.chunk_header(
-                        done_if(last && n == len),
+                        done_if(df_final),
                         REPLY_TYPE_OFFSET_DATA,
                         req,
                         8 + len as u64,
@@ -304,7 +307,7 @@ impl<C: Channel, S: Storage + ?Sized> Transmission<'_, C, S> {
             }
             done += n;
         }
-        if one_chunk && last && len > PIECE {
+        if one_chunk && last && !df_final {
             let h = self.chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
             self.s.queue(&[h.bytes()])?;
         }
