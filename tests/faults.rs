@@ -526,6 +526,22 @@ fn command_exit_status_and_signal_reach_the_client() {
     assert_dir_empty(&images, "after failed commands");
 }
 
+/// `c`, a `tmpdisk --stdio ... --setup-timeout 2` whose setup never ends
+/// by itself: the client hears about the timeout, within 10 s.
+fn fails_by_a_2s_setup_timeout(c: std::process::Command, what: &str) {
+    let started = Instant::now();
+    let msg = stdio_go_fails(c, what);
+    let took = started.elapsed();
+    assert!(
+        msg.contains("did not finish within 2 s"),
+        "{what}: the client must hear about the setup timeout: {msg:?}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "{what}: --setup-timeout 2 took {took:?}"
+    );
+}
+
 /// Where close_range is refused (a kernel before 5.9; a seccomp policy
 /// that does not know it: here a filter tmpdisk inherits makes it fail
 /// with ENOSYS), the fds are closed one by one instead. Before, the
@@ -569,17 +585,7 @@ fn without_close_range_the_setup_timeout_still_holds() {
             seccompiler::apply_filter(&filter).map_err(std::io::Error::other)
         });
     }
-    let started = Instant::now();
-    let msg = stdio_go_fails(c, "a command that sleeps past --setup-timeout");
-    let took = started.elapsed();
-    assert!(
-        msg.contains("did not finish within 2 s"),
-        "the client must hear about the setup timeout: {msg:?}"
-    );
-    assert!(
-        took < Duration::from_secs(10),
-        "--setup-timeout 2 took {took:?} without close_range"
-    );
+    fails_by_a_2s_setup_timeout(c, "a command that sleeps past it, without close_range");
     assert_dir_empty(&images, "after the setup timeout");
 }
 
@@ -604,17 +610,7 @@ fn hanging_command_is_killed_with_its_whole_process_group() {
         "64M",
     ]);
     c.env("PIDS", &pids);
-    let started = Instant::now();
-    let msg = stdio_go_fails(c, "a command that never returns");
-    let took = started.elapsed();
-    assert!(
-        msg.contains("did not finish within 2 s"),
-        "the client must hear about the setup timeout: {msg:?}"
-    );
-    assert!(
-        took < Duration::from_secs(10),
-        "--setup-timeout 2 took {took:?}"
-    );
+    fails_by_a_2s_setup_timeout(c, "a command that never returns");
     let pids = pids_in(&pids, 2);
     let _reaper = KillOnDrop(pids.clone());
     let left = wait_gone(&pids, Duration::from_secs(5));

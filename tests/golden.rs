@@ -795,9 +795,7 @@ fn a_command_on_a_block_device_image_s_copy() {
     assert_eq!(served.len(), 2, "{log}");
     for line in served {
         assert!(line.contains("copy=\"copy\""), "{line}");
-        let allocated: u64 = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("allocated="))
+        let allocated: u64 = log_field(line, "allocated")
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no allocated= in {line}"));
         assert!(

@@ -297,10 +297,10 @@ fn a_local_client_gets_sendfile_while_it_waits_and_copies_when_behind() {
     let log = server.proc.stderr();
     let field = |name: &str| -> u64 {
         let line = log.lines().find(|l| l.contains("client left")).unwrap();
-        let (_, rest) = line
-            .split_once(&format!(" {name}="))
-            .unwrap_or_else(|| panic!("no {name} in {line}"));
-        rest.split(' ').next().unwrap().parse().unwrap()
+        log_field(line, name)
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .parse()
+            .unwrap()
     };
     assert_eq!(field("bytes_read"), 12 * LEN);
     let by_sendfile = field("bytes_read_by_sendfile");

@@ -193,6 +193,23 @@ fn path_with(bin: &Path) -> String {
     )
 }
 
+/// Start `c` (a `tmpdisk --unix SOCK` built with what `Server` cannot give
+/// it: a pre_exec, an environment of its own) and wait until it accepts
+/// connections on `sock`.
+fn spawn_listening(c: std::process::Command, sock: &Path) -> Proc {
+    let mut server = Proc::spawn("tmpdisk --unix", c);
+    let end = std::time::Instant::now() + DEADLINE;
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            server.try_status().is_none() && std::time::Instant::now() < end,
+            "tmpdisk --unix did not start listening\n{}",
+            server.describe()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server
+}
+
 #[test]
 fn mkfs_sees_only_stdio_and_the_image_in_listener_mode() {
     require(&["nbdinfo", "mkfs.ext4", "python3-nbd"]);
@@ -227,16 +244,7 @@ fn mkfs_sees_only_stdio_and_the_image_in_listener_mode() {
             Ok(())
         });
     }
-    let mut server = Proc::spawn("tmpdisk --unix", c);
-    let end = std::time::Instant::now() + DEADLINE;
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            server.try_status().is_none() && std::time::Instant::now() < end,
-            "tmpdisk --unix did not start listening\n{}",
-            server.describe()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let server = spawn_listening(c, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     nbdinfo_ok(&["--size", &uri]);
     check_fd_report(&report, &images, "--unix listener");
@@ -297,16 +305,7 @@ fn an_ignored_sigchld_is_not_inherited() {
             Ok(())
         });
     }
-    let mut server = Proc::spawn("tmpdisk --unix", c);
-    let end = std::time::Instant::now() + DEADLINE;
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            server.try_status().is_none() && std::time::Instant::now() < end,
-            "tmpdisk --unix did not start listening\n{}",
-            server.describe()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let server = spawn_listening(c, &sock);
     let script = r#"
 # One connection at a time: the next waits until the last client's
 # process is reaped (before the fix: never; already the probe
@@ -342,9 +341,7 @@ fn an_mkfs_that_cannot_be_executed_is_named_with_the_reason() {
     let path = bin.join("mkfs.broken");
     fs::write(&path, "#!/nonexistent/interpreter\n").unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut c = std::process::Command::new(PYTHON);
     let script = r#"
-import nbd, sys
 h = nbd.NBD()
 try:
     h.connect_command(sys.argv[1:])
@@ -352,15 +349,19 @@ try:
 except nbd.Error as e:
     print("refused:", e)
 "#;
-    c.arg("-c").arg(script).args([
-        TMPDISK,
-        "--stdio",
-        "--tmpdir",
-        dir.subdir("images").to_str().unwrap(),
-        "--type",
-        "broken",
-        "64M",
-    ]);
+    let images = dir.subdir("images");
+    let mut c = python(
+        script,
+        &[
+            TMPDISK,
+            "--stdio",
+            "--tmpdir",
+            images.to_str().unwrap(),
+            "--type",
+            "broken",
+            "64M",
+        ],
+    );
     c.env("PATH", path_with(&bin));
     let out = run_ok("python connect_command --stdio", c);
     // tmpdisk's log is the python client's stderr (libnbd does not show

@@ -375,15 +375,11 @@ fn a_holder_out_of_fds_does_not_spin() {
     require(&["python3-nbd", "mkfs.ext4"]);
     let dir = TestDir::new("reconnect-emfile");
     let (server, meet) = server(&dir, "30", &["64M"]);
-    let name = format!(":id={TOKEN}");
-    let a = client(&uri(&dir, &name), 1 << 20, "written by A", true);
-    assert!(a.status.success(), "{a}");
+    let holder_socket = drop_a_client(&dir, &meet);
     let holder = wait_image_holders(server.images(), 1, "the process keeping the disk")[0];
-    let names = dir_entries(&meet);
-    assert_eq!(names.len(), 1, "{names:?}");
     set_soft_nofile(holder, lowest_free_fd(holder));
     // A connection waits in the backlog; every accept of it fails (EMFILE).
-    let waiting = UnixStream::connect(meet.join(&names[0])).unwrap();
+    let waiting = UnixStream::connect(holder_socket).unwrap();
     thread::sleep(Duration::from_millis(300));
     let before = cpu_ticks(holder).unwrap();
     thread::sleep(Duration::from_secs(2));
@@ -394,8 +390,7 @@ fn a_holder_out_of_fds_does_not_spin() {
     );
     set_soft_nofile(holder, 1024);
     drop(waiting);
-    let b = client(&uri(&dir, &name), 1 << 20, "", false);
-    assert_eq!(read_line(&b), hex16("written by A"), "{b}");
+    a_s_disk_comes_back(&dir);
 }
 
 /// A connection to the process keeping a disk that trickles its request
@@ -408,14 +403,7 @@ fn a_trickling_connection_to_a_holder_is_dropped_in_time() {
     require(&["python3-nbd", "mkfs.ext4"]);
     let dir = TestDir::new("reconnect-trickle");
     let (_server, meet) = server(&dir, "30", &["64M"]);
-    let name = format!(":id={TOKEN}");
-    let a = client(&uri(&dir, &name), 1 << 20, "written by A", true);
-    assert!(a.status.success(), "{a}");
-    let names = wait_until("the holder's name", Duration::from_secs(10), || {
-        let n = dir_entries(&meet);
-        (n.len() == 1).then_some(n)
-    });
-    let mut s = UnixStream::connect(meet.join(&names[0])).unwrap();
+    let mut s = UnixStream::connect(drop_a_client(&dir, &meet)).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(250)))
         .unwrap();
     let start = std::time::Instant::now();
@@ -440,7 +428,30 @@ fn a_trickling_connection_to_a_holder_is_dropped_in_time() {
         closed < Duration::from_millis(2500),
         "the holder dropped a trickling connection after {closed:?}"
     );
-    let b = client(&uri(&dir, &name), 1 << 20, "", false);
+    a_s_disk_comes_back(&dir);
+}
+
+/// Client A names its disk with TOKEN, writes "written by A" at 1 MiB and
+/// dies without NBD_CMD_DISC; returns the socket of the process keeping
+/// its disk (the one name in `meet`).
+fn drop_a_client(dir: &TestDir, meet: &Path) -> PathBuf {
+    let a = client(
+        &uri(dir, &format!(":id={TOKEN}")),
+        1 << 20,
+        "written by A",
+        true,
+    );
+    assert!(a.status.success(), "{a}");
+    let names = wait_until("the holder's name", Duration::from_secs(10), || {
+        let n = dir_entries(meet);
+        (n.len() == 1).then_some(n)
+    });
+    meet.join(&names[0])
+}
+
+/// A reconnect with TOKEN gets the disk [`drop_a_client`] left.
+fn a_s_disk_comes_back(dir: &TestDir) {
+    let b = client(&uri(dir, &format!(":id={TOKEN}")), 1 << 20, "", false);
     assert_eq!(read_line(&b), hex16("written by A"), "{b}");
 }
 

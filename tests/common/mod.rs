@@ -984,6 +984,13 @@ pub fn statfs_bytes(path: &Path, count: &str) -> u64 {
     v[0] * v[1]
 }
 
+/// The value of field `key` in one of the server's stderr log lines
+/// (`... key=value ...`, quotes taken off), if it has one.
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..].split(' ').next().map(|v| v.trim_matches('"'))
+}
+
 /// The `client served` lines of a server's log, one per client served.
 pub fn served_lines(log: &str) -> Vec<&str> {
     log.lines()

@@ -297,11 +297,6 @@ struct ServerLog {
     complaints: Vec<String>,
 }
 
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let at = line.find(&format!(" {key}="))? + key.len() + 2;
-    line[at..].split(' ').next().map(|v| v.trim_matches('"'))
-}
-
 fn server_log(stderr: &str) -> ServerLog {
     let mut out = ServerLog::default();
     for line in stderr.lines() {
@@ -310,12 +305,12 @@ fn server_log(stderr: &str) -> ServerLog {
         }
         if line.contains(" client left ") {
             let num = |k| {
-                field(line, k)
+                log_field(line, k)
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(u64::MAX)
             };
             out.left.push((
-                field(line, "end").unwrap_or("?").to_string(),
+                log_field(line, "end").unwrap_or("?").to_string(),
                 num("requests"),
                 num("bytes_written"),
                 num("disk_errors"),
@@ -654,7 +649,7 @@ fn kernel_nbd_client_in_a_guest() {
     let uptime = |word: &str, step: &str| {
         ms.iter()
             .find(|(w, r)| w == word && r.split(' ').next() == Some(step))
-            .and_then(|(_, r)| field(&format!(" {r}"), "uptime").map(str::to_string))
+            .and_then(|(_, r)| log_field(&format!(" {r}"), "uptime").map(str::to_string))
             .unwrap_or_default()
     };
     eprintln!(
